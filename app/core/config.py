@@ -1,0 +1,62 @@
+"""All settings in one place, read from the environment (and an optional ``.env``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS_DIR = PROJECT_ROOT / "configs"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="Database, uploads, jobs, models, reports.")
+    database_url: str | None = Field(default=None, description="Defaults to SQLite in DATA_DIR.")
+    api_key: str | None = Field(default=None, description="When set, every endpoint but /health and /docs needs it.")
+    max_upload_bytes: int = 50 * 1024 * 1024
+    default_base_model: str = "qwen2.5-coder-0.5b-instruct"
+    default_config: str = "cmcc34_qlora_system_prompt"
+    # Base-model directories not in the built-in registry: "name=path,name2=path2".
+    extra_base_models: str = ""
+    adapter_cache_size: int = 2
+    worker_poll_seconds: float = 1.0
+    worker_heartbeat_seconds: float = 5.0
+    # A running job whose heartbeat is older than this is considered orphaned.
+    worker_stale_seconds: float = 60.0
+    # How many times a job orphaned by a dead worker is resumed before it is failed.
+    max_job_attempts: int = 3
+    device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'intent_tuner.db').resolve()}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def base_models_dir(self) -> Path:
+        return self.data_dir / "base_models"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

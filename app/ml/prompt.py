@@ -1,0 +1,153 @@
+"""The one place the classification prompt is built.
+
+A model is trained and served with a single shared system prompt built from its label set:
+the task, the input format, the judgement criteria, the numbered label list and the output
+format ``意图：{id}：{label}``. Each sample then only adds the user turn ``对话：{dialogue}``
+and the assistant answer. Because the system prompt is byte-identical for every sample of a
+model, its tokens form a shared prefix that training and serving compute once
+(see ``app.ml.shared_prefix`` and ``app.ml.scoring``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+USER_PREFIX = "对话："
+ANSWER_PREFIX = "意图："
+
+# The older upstream format pasted an instruction template into every user message; the
+# dialogue followed one of these markers (the last one in the message wins).
+_LEGACY_DIALOGUE_MARKERS = ("对话内容：", "对话内容:", "对话：", "对话:")
+
+_ANSWER_RE = re.compile(r"意图\s*[：:]\s*(?:\[)?\s*(\d+)\s*[：:]?\s*([^\n\]]*)")
+_BARE_ID_RE = re.compile(r"^\s*(\d+)\s*[：:]\s*(.*)$")
+
+
+@dataclass(frozen=True)
+class Label:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The intents a model knows, ordered by id. Defines the prompt and the answers."""
+
+    labels: tuple[Label, ...]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[int, str]] | list[list]) -> "LabelSet":
+        labels = tuple(sorted((Label(int(i), str(n)) for i, n in pairs), key=lambda lab: lab.id))
+        ids = [lab.id for lab in labels]
+        if len(set(ids)) != len(ids):
+            raise ValueError("label ids must be unique")
+        return cls(labels)
+
+    def to_pairs(self) -> list[list]:
+        return [[lab.id, lab.name] for lab in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self):
+        return iter(self.labels)
+
+    @property
+    def ids(self) -> list[int]:
+        return [lab.id for lab in self.labels]
+
+    def name_of(self, label_id: int) -> str:
+        for lab in self.labels:
+            if lab.id == label_id:
+                return lab.name
+        raise KeyError(label_id)
+
+    def id_of(self, name: str) -> int | None:
+        for lab in self.labels:
+            if lab.name == name:
+                return lab.id
+        return None
+
+
+def build_system_prompt(label_set: LabelSet) -> str:
+    """Build the shared system prompt for a label set (stored once per dataset/model)."""
+    label_lines = "\n".join(f"{lab.id}：{lab.name}" for lab in label_set)
+    return (
+        "你是客服对话意图识别专家。阅读一段客服与用户的通话记录，判断用户来电的最终意图，"
+        f"并从下面 {len(label_set)} 个意图中选出唯一一个。\n"
+        "\n"
+        "输入格式：对话在“对话：”之后给出，各说话轮次之间用 [SEP] 分隔，通常以客服的“您好请讲”开始。\n"
+        "\n"
+        "判断标准：\n"
+        "1. 以用户的最终诉求为准，不看中间过程和寒暄；\n"
+        "2. 区分咨询（了解信息）、办理（要求执行操作）和投诉（表达不满）；\n"
+        "3. 结合关键词和上下文综合判断，有多个诉求时选最主要的一个。\n"
+        "\n"
+        f"意图列表：\n{label_lines}\n"
+        "\n"
+        f"输出格式：只输出一行“{ANSWER_PREFIX}{{编号}}：{{意图名称}}”，不要输出其他内容。"
+    )
+
+
+def format_user_turn(dialogue: str) -> str:
+    return f"{USER_PREFIX}{dialogue}"
+
+
+def format_answer(label_id: int, label_name: str) -> str:
+    return f"{ANSWER_PREFIX}{label_id}：{label_name}"
+
+
+def build_messages(system_prompt: str, dialogue: str, answer: str | None = None) -> list[dict]:
+    """Chat messages for one sample: shared system prompt, user dialogue, optional answer."""
+    messages = [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": format_user_turn(dialogue)},
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def extract_dialogue(user_content: str) -> str:
+    """The dialogue inside a user turn, in the new (``对话：…``) or the legacy template format."""
+    best = -1
+    best_marker = ""
+    for marker in _LEGACY_DIALOGUE_MARKERS:
+        pos = user_content.rfind(marker)
+        if pos > best:
+            best, best_marker = pos, marker
+    if best < 0:
+        return user_content.strip()
+    return user_content[best + len(best_marker):].strip()
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    label_id: int | None
+    label_name: str | None
+
+
+def parse_answer(text: str, label_set: LabelSet | None = None) -> ParsedAnswer:
+    """Parse ``意图：{id}：{label}`` (also ``{id}：{label}`` or a bare label name).
+
+    Returns ids only when they are consistent with ``label_set`` (when given): an id that is
+    not in the set, or a name that contradicts the id, yields ``label_id=None``.
+    """
+    text = text.strip()
+    match = _ANSWER_RE.search(text) or _BARE_ID_RE.match(text)
+    if match:
+        label_id, name = int(match.group(1)), match.group(2).strip() or None
+        if label_set is None:
+            return ParsedAnswer(label_id, name)
+        if label_id in label_set.ids:
+            expected = label_set.name_of(label_id)
+            if name is None or name == expected:
+                return ParsedAnswer(label_id, expected)
+        return ParsedAnswer(None, name)
+    if label_set is not None:
+        bare = text.removeprefix(ANSWER_PREFIX).strip()
+        found = label_set.id_of(bare)
+        if found is not None:
+            return ParsedAnswer(found, bare)
+    return ParsedAnswer(None, None)
