@@ -1,0 +1,59 @@
+"""Request dependencies: settings, a database session, the bearer-key check, the classifier registry."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.db import session_factory
+
+_bearer = HTTPBearer(auto_error=False, description="Bearer API_KEY (required when API_KEY is set)")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def require_api_key(settings: SettingsDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    if not settings.api_key:
+        return
+    if credentials is None or not secrets.compare_digest(credentials.credentials, settings.api_key):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+_registry_lock = threading.Lock()
+
+
+def get_registry(request: Request):
+    """The app's classifier registry, created on first use (importing torch is not free)."""
+    state = request.app.state
+    with _registry_lock:
+        if getattr(state, "classifiers", None) is None:
+            from app.ml.classifier import ClassifierRegistry
+
+            settings = state.settings
+            state.classifiers = ClassifierRegistry(max_adapters=settings.adapter_cache_size, device=settings.device)
+    return state.classifiers

@@ -1,0 +1,34 @@
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile, status
+
+from app.api.deps import SessionDep, SettingsDep
+from app.api.presenters import dataset_out
+from app.schemas import DatasetOut
+from app.services import datasets as service
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+async def upload_dataset(session: SessionDep, settings: SettingsDep,
+                         file: Annotated[UploadFile, File(description="CSV (CMCC-34 or text,label) or JSONL chat")],
+                         name: Annotated[str | None, Form()] = None) -> DatasetOut:
+    # Read one byte past the limit so an oversized upload is refused without reading it all.
+    raw = await file.read(settings.max_upload_bytes + 1)
+    return dataset_out(service.create_dataset(session, settings, raw, file.filename, name))
+
+
+@router.get("", response_model=list[DatasetOut])
+def list_datasets(session: SessionDep) -> list[DatasetOut]:
+    return [dataset_out(d) for d in service.list_datasets(session)]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+    return dataset_out(service.get_dataset(session, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> None:
+    service.delete_dataset(session, settings, dataset_id)

@@ -1,0 +1,37 @@
+from fastapi import APIRouter, Query, status
+
+from app.api.deps import SessionDep, SettingsDep
+from app.api.presenters import event_out, job_out
+from app.schemas import JobCreate, JobEventOut, JobOut
+from app.services import jobs as service
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobOut:
+    job = service.create_training_job(
+        session, settings, dataset_id=body.dataset_id, validation_dataset_id=body.validation_dataset_id,
+        base_model=body.base_model, config=body.config, hyperparameters=body.hyperparameters,
+    )
+    return job_out(job)
+
+
+@router.get("", response_model=list[JobOut])
+def list_jobs(session: SessionDep, status: str | None = None, limit: int = Query(100, ge=1, le=1000)) -> list[JobOut]:
+    return [job_out(j) for j in service.list_jobs(session, status, limit)]
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep) -> JobOut:
+    return job_out(service.get_job(session, job_id))
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventOut])
+def job_events(job_id: str, session: SessionDep, after_id: int = Query(0, ge=0)) -> list[JobEventOut]:
+    return [event_out(e) for e in service.list_events(session, job_id, after_id)]
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+    return job_out(service.cancel_job(session, job_id))

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from app.api.deps import SessionDep, SettingsDep
+from app.api.presenters import adapter_out
+from app.schemas import BaseModelOut, FineTunedModelOut, ModelsOut
+from app.services import models as service
+from app.services.errors import NotFoundError
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=ModelsOut, summary="Base models (registry) and fine-tuned adapters")
+def list_models(session: SessionDep, settings: SettingsDep) -> ModelsOut:
+    base = [BaseModelOut(**{k: v for k, v in m.items() if k in BaseModelOut.model_fields})
+            for m in service.list_base_models(settings)]
+    return ModelsOut(base_models=base, adapters=[adapter_out(m) for m in service.list_adapters(session)])
+
+
+@router.get("/{model_id}", response_model=FineTunedModelOut)
+def get_model(model_id: str, session: SessionDep) -> FineTunedModelOut:
+    return adapter_out(service.get_adapter(session, model_id))
+
+
+@router.get("/{model_id}/loss_curve.png", response_class=FileResponse)
+def loss_curve(model_id: str, session: SessionDep) -> FileResponse:
+    path = Path(service.get_adapter(session, model_id).adapter_path) / "loss_curve.png"
+    if not path.is_file():
+        raise NotFoundError(f"model '{model_id}' has no loss curve")
+    return FileResponse(path, media_type="image/png")

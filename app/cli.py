@@ -1,0 +1,89 @@
+"""`intent-tuner` command line: prepare base models, classify and evaluate from the shell.
+
+It drives the same services and ml code as the API, against DATA_DIR's database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from app.core.config import get_settings
+from app.core.db import run_migrations, session_scope
+
+
+def _prepare(args) -> int:
+    from app.ml.base_models import prepare_cli
+
+    return prepare_cli(args.name, get_settings())
+
+
+def _classify(args) -> int:
+    from app.ml.classifier import ClassifierRegistry
+    from app.services.models import resolve_model_ref
+
+    settings = get_settings()
+    run_migrations(settings)
+    texts = list(args.text) or [line.strip() for line in sys.stdin if line.strip()]
+    with session_scope(settings) as session:
+        ref = resolve_model_ref(session, settings, args.model)
+    classifier = ClassifierRegistry(max_adapters=1, device=settings.device).get(ref)
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(texts), args.batch_size), desc="classify", unit="batch", file=sys.stderr):
+        batch = texts[start:start + args.batch_size]
+        for text, p in zip(batch, classifier.classify(batch, mode=args.mode, top_k=args.top_k)):
+            print(json.dumps({"text": text, "intent_id": p.intent_id, "label": p.label, "confidence": p.confidence,
+                              "raw_output": p.raw_output, "latency_ms": p.latency_ms}, ensure_ascii=False))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from workers.runners import run_evaluation
+    from app.services import jobs as job_service
+    from app.services.reports import get_report
+
+    settings = get_settings()
+    run_migrations(settings)
+    with session_scope(settings) as session:
+        job = job_service.create_evaluation_job(session, settings, model=args.model, dataset_id=args.dataset,
+                                                mode=args.mode)
+        job_id = job.id
+    report_id = run_evaluation(settings, job_id=job_id, model=args.model, dataset_id=args.dataset, mode=args.mode,
+                               should_stop=lambda: False)
+    with session_scope(settings) as session:
+        job_service.finish_job(session, job_id, "succeeded", report_id=report_id)
+        report = get_report(session, report_id)
+        print(json.dumps({"report_id": report_id, "path": report.path, **report.summary}, ensure_ascii=False, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="intent-tuner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare-model", help="prepare a base model once (join, verify, convert, cache)")
+    prep.add_argument("name", nargs="?", default=None, help="registry name (default: the embedded default)")
+    prep.set_defaults(func=_prepare)
+
+    cls = sub.add_parser("classify", help="classify dialogues (arguments, or one per line on stdin)")
+    cls.add_argument("--model", required=True, help="fine-tuned model id or base model name")
+    cls.add_argument("--mode", choices=["score", "generate"], default="score")
+    cls.add_argument("--top-k", type=int, default=3)
+    cls.add_argument("--batch-size", type=int, default=8)
+    cls.add_argument("text", nargs="*")
+    cls.set_defaults(func=_classify)
+
+    ev = sub.add_parser("evaluate", help="evaluate a model on an uploaded dataset and write a report")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--dataset", required=True, help="dataset id (POST /datasets)")
+    ev.add_argument("--mode", choices=["score", "generate"], default="score")
+    ev.set_defaults(func=_evaluate)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The FastAPI application: thin routes over services; errors mapped to status codes here."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.api.deps import require_api_key
+from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
+from app.core.config import Settings, get_settings
+from app.core.db import run_migrations
+from app.services.errors import ServiceError
+
+log = logging.getLogger("intent_tuner")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        run_migrations(settings)
+        for folder in (settings.datasets_dir, settings.jobs_dir, settings.reports_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        yield
+
+    app = FastAPI(
+        title="intent-tuner",
+        version="0.1.0",
+        description="Fine-tune LLMs with QLoRA for customer-service intent classification, and serve them. "
+                    "Upload a dataset, start a job, classify, read the reports.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError):
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()})
+
+    app.include_router(health.router)
+    protected = [Depends(require_api_key)]
+    for module in (datasets, jobs, models, classify, evaluations, reports):
+        app.include_router(module.router, dependencies=protected)
+    return app
+
+

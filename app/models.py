@@ -1,0 +1,110 @@
+"""SQLAlchemy ORM tables. The schema is created and upgraded only by Alembic (``migrations/``)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    original_filename: Mapped[str | None] = mapped_column(String(300))
+    format: Mapped[str] = mapped_column(String(40))
+    chat_style: Mapped[str | None] = mapped_column(String(40))
+    n_rows: Mapped[int] = mapped_column(Integer)
+    label_set: Mapped[list] = mapped_column(JSON)  # [[id, name], ...]
+    label_counts: Mapped[dict] = mapped_column(JSON)  # {"id": count}
+    stats: Mapped[dict] = mapped_column(JSON)  # imbalance and token figures
+    system_prompt: Mapped[str] = mapped_column(Text)  # stored once per dataset, not per row
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), default="train")  # train | evaluate
+    status: Mapped[str] = mapped_column(String(20), index=True)  # queued|running|succeeded|failed|cancelled
+    dataset_id: Mapped[str] = mapped_column(String(40), ForeignKey("datasets.id"))
+    validation_dataset_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("datasets.id"))
+    base_model: Mapped[str | None] = mapped_column(String(200))
+    config_name: Mapped[str | None] = mapped_column(String(200))
+    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    # evaluate jobs: which model, which mode
+    target_model_id: Mapped[str | None] = mapped_column(String(200))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    error_code: Mapped[str | None] = mapped_column(String(60))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    model_id: Mapped[str | None] = mapped_column(String(40))
+    report_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class FineTunedModel(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(200))
+    job_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("jobs.id"))
+    dataset_id: Mapped[str | None] = mapped_column(String(40))
+    adapter_path: Mapped[str] = mapped_column(String(500))
+    label_set: Mapped[list] = mapped_column(JSON)
+    system_prompt: Mapped[str] = mapped_column(Text)
+    quantization: Mapped[str] = mapped_column(String(20))
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Report(Base):
+    __tablename__ = "reports"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(200))
+    dataset_id: Mapped[str] = mapped_column(String(40))
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    mode: Mapped[str] = mapped_column(String(20))
+    path: Mapped[str] = mapped_column(String(500))
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+JOB_TERMINAL = ("succeeded", "failed", "cancelled")
+__all__ = ["Base", "Dataset", "Job", "JobEvent", "FineTunedModel", "Report", "new_id", "utcnow", "JOB_TERMINAL"]

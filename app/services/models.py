@@ -1,0 +1,64 @@
+"""Model registry: base models (app.ml.base_models) and fine-tuned adapters (database rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.data.cmcc34 import CMCC34_LABEL_SET
+from app.ml.prompt import LabelSet, build_system_prompt
+from app.models import FineTunedModel
+from app.services.errors import NotFoundError, UnprocessableError
+
+
+def list_adapters(session: Session) -> list[FineTunedModel]:
+    return list(session.scalars(select(FineTunedModel).order_by(FineTunedModel.created_at.desc())))
+
+
+def get_adapter(session: Session, model_id: str) -> FineTunedModel:
+    model = session.get(FineTunedModel, model_id)
+    if model is None:
+        raise NotFoundError(f"model '{model_id}' not found")
+    return model
+
+
+def list_base_models(settings: Settings) -> list[dict]:
+    from app.ml.base_models import list_base_models as registry_listing
+
+    return registry_listing(settings)
+
+
+def resolve_model_ref(session: Session, settings: Settings, model: str, *, labels: list | None = None):
+    """A ModelRef for a fine-tuned adapter id or, for zero-shot, a base model name."""
+    from app.ml.base_models import BaseModelError, get_spec, resolve_base_model
+    from app.ml.classifier import ModelRef
+
+    adapter = session.get(FineTunedModel, model)
+    try:
+        if adapter is not None:
+            adapter_dir = Path(adapter.adapter_path)
+            if not adapter_dir.is_dir():
+                raise NotFoundError(f"model '{model}': adapter files are missing at {adapter_dir}")
+            version = f"{adapter.id}:{adapter.created_at.isoformat()}:{_mtime(adapter_dir)}"
+            return ModelRef(
+                key=adapter.id, version=version,
+                base_model_dir=resolve_base_model(adapter.base_model, settings),
+                adapter_dir=adapter_dir, system_prompt=adapter.system_prompt,
+                label_set=LabelSet.from_pairs(adapter.label_set), quantization="none" if adapter.quantization == "none" else "auto",
+            )
+        get_spec(model, settings)
+        label_set = LabelSet.from_pairs(labels) if labels else CMCC34_LABEL_SET
+        base_dir = resolve_base_model(model, settings)
+        return ModelRef(key=f"base:{model}", version=f"base:{model}", base_model_dir=base_dir, adapter_dir=None,
+                        system_prompt=build_system_prompt(label_set), label_set=label_set, quantization="none")
+    except BaseModelError as exc:
+        raise UnprocessableError(f"model '{model}' is neither a fine-tuned model id nor a usable base model: {exc}",
+                                 field="model") from None
+
+
+def _mtime(path: Path) -> int:
+    weights = path / "adapter_model.safetensors"
+    return int(weights.stat().st_mtime_ns) if weights.exists() else 0

@@ -1,0 +1,55 @@
+"""Evaluation reports: rows in the database, files in DATA_DIR/reports/<id>/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import Report, new_id
+from app.services.errors import NotFoundError
+
+SUMMARY_KEYS = ("n_samples", "accuracy", "macro_f1", "weighted_f1", "success_rate", "n_failed",
+                "evaluation_seconds", "seconds_per_sample", "mode")
+
+
+def new_report_dir(settings: Settings) -> tuple[str, Path]:
+    report_id = new_id("rep")
+    return report_id, settings.reports_dir / report_id
+
+
+def record_report(session: Session, *, report_id: str, report_dir: Path, report: dict, model_id: str,
+                  dataset_id: str, job_id: str | None) -> Report:
+    row = Report(id=report_id, model_id=model_id, dataset_id=dataset_id, job_id=job_id, mode=report.get("mode", "score"),
+                 path=str(report_dir), summary={k: report.get(k) for k in SUMMARY_KEYS})
+    session.add(row)
+    session.commit()
+    return row
+
+
+def list_reports(session: Session, model_id: str | None = None) -> list[Report]:
+    query = select(Report).order_by(Report.created_at.desc())
+    if model_id:
+        query = query.where(Report.model_id == model_id)
+    return list(session.scalars(query))
+
+
+def get_report(session: Session, report_id: str) -> Report:
+    report = session.get(Report, report_id)
+    if report is None:
+        raise NotFoundError(f"report '{report_id}' not found")
+    return report
+
+
+def report_file(report: Report, name: str) -> Path:
+    path = Path(report.path) / name
+    if not path.is_file():
+        raise NotFoundError(f"report '{report.id}' has no {name}")
+    return path
+
+
+def read_report_json(report: Report, name: str = "results.json") -> dict | list:
+    return json.loads(report_file(report, name).read_text(encoding="utf-8"))

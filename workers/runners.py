@@ -1,0 +1,154 @@
+"""What a worker does for each kind of job. Same ml code as the API (app.ml), state via app.services."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.ml.training_config import TrainingConfig
+from app.services import datasets as dataset_service
+from app.services import jobs as job_service
+from app.services import reports as report_service
+from app.services.errors import ServiceError
+
+log = logging.getLogger("intent_tuner.worker")
+_classifiers = None  # one registry per worker process: adapters stay loaded between evaluation jobs
+
+
+class JobFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class JobOutcome:
+    model_id: str | None = None
+    report_id: str | None = None
+
+
+def _event(settings: Settings, job_id: str, kind: str, message: str, data: dict | None = None) -> None:
+    with session_scope(settings) as session:
+        job_service.add_event(session, job_id, kind, message, data)
+    log.info("[%s] %s: %s", job_id, kind, message)
+
+
+def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool]) -> JobOutcome:
+    with session_scope(settings) as session:
+        job = job_service.get_job(session, job_id)
+        session.expunge(job)
+    if job.kind == "train":
+        return run_training(settings, job, should_stop)
+    if job.kind == "evaluate":
+        report_id = run_evaluation(settings, job_id=job.id, model=job.target_model_id, dataset_id=job.dataset_id,
+                                   mode=job.params.get("mode", "score"), should_stop=should_stop)
+        return JobOutcome(report_id=report_id)
+    raise JobFailure("unknown_job_kind", f"unknown job kind '{job.kind}'")
+
+
+def _resolve_base_model(settings: Settings, name: str, job_id: str):
+    from app.ml.base_models import BaseModelError, resolve_base_model
+
+    _event(settings, job_id, "base_model", f"resolving base model '{name}' (prepared once, then cached)")
+    try:
+        return resolve_base_model(name, settings)
+    except BaseModelError as exc:
+        raise JobFailure("base_model_unavailable", str(exc)) from None
+
+
+def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> JobOutcome:
+    from app.ml.training import TrainingHooks, train_adapter
+
+    with session_scope(settings) as session:
+        dataset = dataset_service.get_dataset(session, job.dataset_id)
+        label_set, system_prompt = dataset_service.label_set_of(dataset), dataset.system_prompt
+    records = dataset_service.load_records(settings, job.dataset_id)
+    config = TrainingConfig(**job.hyperparameters)
+    base_dir = _resolve_base_model(settings, job.base_model, job.id)
+    job_dir = settings.jobs_dir / job.id
+
+    def on_log(metrics: dict) -> None:
+        with session_scope(settings) as session:
+            job_service.set_progress(session, job.id, metrics)
+
+    hooks = TrainingHooks(
+        on_log=on_log,
+        on_event=lambda kind, message, data=None: _event(settings, job.id, kind, message, data),
+        should_stop=should_stop,
+    )
+    try:
+        result = train_adapter(base_model_dir=base_dir, base_model_name=job.base_model, records=records,
+                               label_set=label_set, system_prompt=system_prompt, config=config, job_dir=job_dir,
+                               hooks=hooks, device=settings.device)
+    except (MemoryError, RuntimeError) as exc:
+        if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
+            raise JobFailure("out_of_memory", f"{exc}; lower per_device_train_batch_size or max_input_length") from None
+        raise
+    if result.cancelled:
+        raise JobCancelled(f"cancelled at step {result.steps}; checkpoints kept under {job_dir / 'checkpoints'}")
+
+    with session_scope(settings) as session:
+        job_row = job_service.get_job(session, job.id)
+        model = job_service.register_model(
+            session, job=job_row, adapter_path=str(result.adapter_dir), label_set=label_set.to_pairs(),
+            system_prompt=system_prompt, quantization=result.quantization,
+            metrics={"final_loss": result.final_loss, "steps": result.steps,
+                     "train_runtime_s": result.train_runtime_s, **result.metrics},
+        )
+        job_service.set_progress(session, job.id, {**job_row.progress, "step": result.steps})
+    _event(settings, job.id, "model_registered", f"adapter registered as model {model.id}",
+           {"model_id": model.id, "adapter_dir": str(result.adapter_dir)})
+
+    report_id = None
+    if job.validation_dataset_id:
+        report_id = run_evaluation(settings, job_id=job.id, model=model.id, dataset_id=job.validation_dataset_id,
+                                   mode="score", should_stop=should_stop)
+    return JobOutcome(model_id=model.id, report_id=report_id)
+
+
+def run_evaluation(settings: Settings, *, job_id: str, model: str, dataset_id: str, mode: str,
+                   should_stop: Callable[[], bool]) -> str:
+    from app.ml.classifier import ClassifierRegistry
+    from app.ml.evaluation import evaluate_records, write_report
+    from app.services.models import resolve_model_ref
+
+    global _classifiers
+    if _classifiers is None:
+        _classifiers = ClassifierRegistry(max_adapters=settings.adapter_cache_size, device=settings.device)
+    with session_scope(settings) as session:
+        dataset = dataset_service.get_dataset(session, dataset_id)
+        try:
+            ref = resolve_model_ref(session, settings, model, labels=dataset.label_set)
+        except ServiceError as exc:
+            raise JobFailure("model_unavailable", exc.message) from None
+    records = dataset_service.load_records(settings, dataset_id)
+    _event(settings, job_id, "evaluation_started", f"evaluating '{model}' on {len(records)} dialogues ({mode})")
+    last_write = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if should_stop():
+            raise JobCancelled(f"evaluation cancelled after {done}/{total} dialogues")
+        now = time.monotonic()
+        if now - last_write[0] > 2 or done == total:
+            last_write[0] = now
+            with session_scope(settings) as session:
+                job_service.set_progress(session, job_id, {"done": done, "total": total})
+
+    report = evaluate_records(_classifiers.get(ref), records, ref.label_set, mode=mode, progress=progress)
+    report_id, report_dir = report_service.new_report_dir(settings)
+    write_report(report, report_dir)
+    with session_scope(settings) as session:
+        report_service.record_report(session, report_id=report_id, report_dir=report_dir, report=report,
+                                     model_id=model, dataset_id=dataset_id, job_id=job_id)
+    _event(settings, job_id, "report", f"report {report_id}: accuracy {report['accuracy']:.4f}, "
+           f"macro-F1 {report['macro_f1']:.4f} on {report['n_samples']} dialogues",
+           {"report_id": report_id, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+    return report_id
