@@ -1,0 +1,417 @@
+"""The training job: LoRA/QLoRA fine-tuning of a base model on (dialogue, intent) records.
+
+``train_adapter`` is everything a worker calls: load the base (4-bit where it pays, see
+``app.ml.loading``), encode the records with the model's chat template (``app.ml.chat_data``),
+attach LoRA, and train with the Hugging Face ``Trainer``, which brings checkpoints (adapter,
+optimizer, scheduler, RNG state) and exact resumption for free. The loss is computed by
+``app.ml.shared_prefix``: the system prompt runs once per batch when the model supports it, the
+ordinary full batch otherwise; both compute logits only where there is a label.
+
+A job is a directory: ``checkpoints/checkpoint-N`` while it runs (a restarted worker resumes
+from the newest complete one, losing at most ``save_steps``), ``adapter/`` when it succeeds
+(adapter weights + config, tokenizer, ``intent_tuner.json`` metadata, ``loss_curve.png``).
+The caller observes and steers it through ``TrainingHooks``: log records, events, and a
+cancel flag polled after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+# app.ml.loading first: it silences a bitsandbytes log line emitted when transformers imports it.
+from app.ml.loading import LoadedModel, load_base_model  # isort: skip
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from app.data.formats import Record
+from app.ml.chat_data import ChatCollator, EncodedDataset, encode_dataset
+from app.ml.prompt import LabelSet, format_answer
+from app.ml.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
+from app.ml.training_config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIRNAME = "adapter"
+CHECKPOINTS_DIRNAME = "checkpoints"
+METADATA_FILENAME = "intent_tuner.json"
+LOSS_CURVE_FILENAME = "loss_curve.png"
+_CHECKPOINT_PREFIX = "checkpoint-"
+_TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence marks a complete checkpoint
+
+
+def _noop(*_args, **_kwargs) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class TrainingHooks:
+    """How a caller follows and steers a run (all optional; called from the training thread).
+
+    - ``on_log(record)`` every ``logging_steps``: step, max_steps, epoch, loss, learning_rate,
+      tokens_per_second, samples_per_second, eta_seconds.
+    - ``on_event(kind, message, data)``: "model_loaded", "dataset_encoded", "resumed",
+      "checkpoint_saved", "cancelled", "finished", "warning".
+    - ``should_stop()`` polled after every optimizer step (and before training starts): True
+      cancels the run within one step; checkpoints are kept, no adapter is written.
+    """
+
+    on_log: Callable[[dict], None] = _noop
+    on_event: Callable[[str, str, dict], None] = _noop
+    should_stop: Callable[[], bool] = _never
+
+
+@dataclass
+class TrainingResult:
+    adapter_dir: Path | None  # None when cancelled
+    cancelled: bool
+    steps: int  # optimizer steps done (global step, counting steps before a resume)
+    final_loss: float | None  # the last logged training loss
+    train_runtime_s: float  # wall time of this call's training loop
+    quantization: str  # "4bit" | "none", as used
+    loss_history: list[dict] = field(default_factory=list)  # [{"step", "loss"}], including before a resume
+    metrics: dict = field(default_factory=dict)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` (a worker killed mid-save leaves an incomplete one)."""
+    if not checkpoints_dir.is_dir():
+        return None
+    complete = []
+    for path in checkpoints_dir.iterdir():
+        suffix = path.name.removeprefix(_CHECKPOINT_PREFIX)
+        if path.is_dir() and path.name.startswith(_CHECKPOINT_PREFIX) and suffix.isdigit():
+            if (path / _TRAINER_STATE).is_file():
+                complete.append((int(suffix), path))
+    return max(complete)[1] if complete else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(_CHECKPOINT_PREFIX))
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+@dataclass
+class _Throughput:
+    """Tokens and samples the loss has consumed (tokens as a naive batch counts them, without padding)."""
+
+    tokens: int = 0
+    samples: int = 0
+
+    def add(self, batch: dict) -> None:
+        if "prefix_ids" in batch:
+            n = batch["suffix_ids"].shape[0]
+            self.tokens += int(batch["prefix_ids"].numel()) * n + int(batch["suffix_mask"].sum())
+        else:
+            n = batch["input_ids"].shape[0]
+            self.tokens += int(batch["attention_mask"].sum())
+        self.samples += n
+
+
+class _IntentTrainer(Trainer):
+    """``Trainer`` whose loss is ``shared_prefix_loss`` or ``naive_loss`` (chosen by the batch's shape)."""
+
+    def __init__(self, *args, throughput: _Throughput, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.throughput = throughput
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Normalised by the item count of the whole accumulated batch when the Trainer gives it.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        # Trainer autocasts by patching model.forward; these losses call the decoder directly.
+        with self.accelerator.autocast():
+            if "prefix_ids" in inputs:
+                loss = shared_prefix_loss(model, num_items_in_batch=num_items_in_batch, **inputs)
+            else:
+                loss = naive_loss(model, num_items_in_batch=num_items_in_batch, **inputs)
+        self.throughput.add(inputs)
+        return (loss, None) if return_outputs else loss
+
+
+class _ProgressCallback(TrainerCallback):
+    """Forwards Trainer logs as progress records (with throughput and ETA) and saves as events."""
+
+    def __init__(self, hooks: TrainingHooks, throughput: _Throughput, checkpoints_dir: Path):
+        self.hooks, self.throughput, self.checkpoints_dir = hooks, throughput, checkpoints_dir
+        self.start_time = self.window_time = time.monotonic()
+        self.start_step = 0
+        self.window_tokens = self.window_samples = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = self.window_time = time.monotonic()
+        self.start_step = state.global_step
+        self.window_tokens, self.window_samples = self.throughput.tokens, self.throughput.samples
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        now = time.monotonic()
+        window = max(now - self.window_time, 1e-9)
+        done = state.global_step - self.start_step
+        per_step = (now - self.start_time) / done if done > 0 else None
+        record = {
+            "step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": state.epoch,
+            "loss": float(logs["loss"]),
+            "learning_rate": logs.get("learning_rate"),
+            "tokens_per_second": (self.throughput.tokens - self.window_tokens) / window,
+            "samples_per_second": (self.throughput.samples - self.window_samples) / window,
+            "eta_seconds": per_step * (state.max_steps - state.global_step) if per_step is not None else None,
+        }
+        self.window_time = now
+        self.window_tokens, self.window_samples = self.throughput.tokens, self.throughput.samples
+        self.hooks.on_log(record)
+
+    def on_save(self, args, state, control, **kwargs):
+        path = self.checkpoints_dir / f"{_CHECKPOINT_PREFIX}{state.global_step}"
+        self.hooks.on_event("checkpoint_saved", f"checkpoint saved at step {state.global_step}",
+                            {"step": state.global_step, "path": str(path)})
+
+
+class _CancelCallback(TrainerCallback):
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+        self.cancelled = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.should_stop():
+            self.cancelled = True
+            control.should_training_stop = True
+            control.should_save = False  # cancel now, not after a checkpoint write
+
+
+def _answers(records: list[Record], label_set: LabelSet) -> list[tuple[str, str]]:
+    pairs = []
+    for index, record in enumerate(records):
+        try:
+            name = label_set.name_of(record.label_id)
+        except KeyError:
+            raise ValueError(f"record {index} has label id {record.label_id}, which is not in the label set") from None
+        pairs.append((record.dialogue, format_answer(record.label_id, name)))
+    return pairs
+
+
+def _lora_config(config: TrainingConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _training_arguments(config: TrainingConfig, output_dir: Path, loaded: LoadedModel) -> TrainingArguments:
+    on_cpu = loaded.device.type == "cpu"
+    mixed = loaded.dtype if loaded.dtype in (torch.bfloat16, torch.float16) else None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        bf16=mixed is torch.bfloat16,
+        fp16=mixed is torch.float16 and not on_cpu,
+        use_cpu=on_cpu,
+        # Checkpointing (non-reentrant) is set up by load_base_model; the Trainer must not redo it.
+        activation_checkpointing=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=not on_cpu,
+        disable_tqdm=False,  # the worker log shows the progress bar
+    )
+
+
+def _loss_history(log_history: list[dict]) -> list[dict]:
+    return [{"step": int(e["step"]), "loss": float(e["loss"])} for e in log_history if "loss" in e and "step" in e]
+
+
+def train_adapter(
+    *,
+    base_model_dir: Path,
+    base_model_name: str,
+    records: list[Record],
+    label_set: LabelSet,
+    system_prompt: str,
+    config: TrainingConfig,
+    job_dir: Path,
+    hooks: TrainingHooks | None = None,
+    device: str | None = None,
+) -> TrainingResult:
+    """Train a LoRA adapter on ``records`` and save it under ``job_dir/adapter`` (see the module docstring).
+
+    Resumes from ``job_dir/checkpoints`` when a checkpoint exists. Raises on bad input (an empty
+    dataset, a label outside ``label_set``, a prompt longer than ``max_input_length``).
+    """
+    from peft import get_peft_model
+
+    hooks = hooks or TrainingHooks()
+    job_dir = Path(job_dir)
+    checkpoints_dir = job_dir / CHECKPOINTS_DIRNAME
+    if not records:
+        raise ValueError("no training records")
+    pairs = _answers(records, label_set)
+    set_seed(config.seed)
+
+    loaded = load_base_model(
+        Path(base_model_dir),
+        quantization=config.quantization,
+        compute_dtype=config.compute_dtype,
+        device=device,
+        for_training=True,
+        bnb_quant_type=config.bnb_4bit_quant_type,
+        double_quant=config.bnb_4bit_use_double_quant,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    model = get_peft_model(loaded.model, _lora_config(config))
+    trainable, total = model.get_nb_trainable_parameters()
+    use_shared_prefix = config.shared_prefix and supports_shared_prefix(model)
+    hooks.on_event(
+        "model_loaded",
+        f"{base_model_name} loaded on {loaded.device} ({loaded.quantization}, {str(loaded.dtype).removeprefix('torch.')})",
+        {
+            "base_model": base_model_name, "quantization": loaded.quantization, "dtype": str(loaded.dtype),
+            "device": str(loaded.device), "trainable_parameters": trainable, "total_parameters": total,
+            "shared_prefix": use_shared_prefix,
+        },
+    )
+
+    encoded: EncodedDataset = encode_dataset(
+        loaded.tokenizer, system_prompt, pairs,
+        max_input_length=config.max_input_length, max_output_length=config.max_output_length,
+    )
+    hooks.on_event(
+        "dataset_encoded",
+        f"{len(encoded.samples)} samples encoded ({encoded.n_truncated} truncated), "
+        f"{len(encoded.prefix_ids)} shared prefix tokens",
+        {**encoded.stats, "n_truncated": encoded.n_truncated},
+    )
+    if hooks.should_stop():
+        hooks.on_event("cancelled", "cancelled before training started", {"step": 0})
+        return TrainingResult(None, True, 0, None, 0.0, loaded.quantization)
+
+    dataset = _ListDataset([{"input_ids": s.input_ids, "labels": s.labels} for s in encoded.samples])
+    collator = ChatCollator(
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        prefix_length=len(encoded.prefix_ids) if use_shared_prefix else 0,
+    )
+    throughput = _Throughput()
+    cancel = _CancelCallback(hooks.should_stop)
+    trainer = _IntentTrainer(
+        model=model,
+        args=_training_arguments(config, checkpoints_dir, loaded),
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[_ProgressCallback(hooks, throughput, checkpoints_dir), cancel],
+        throughput=throughput,
+    )
+
+    resume_from = latest_checkpoint(checkpoints_dir)
+    if resume_from is not None:
+        hooks.on_event("resumed", f"resuming from {resume_from.name}",
+                       {"step": checkpoint_step(resume_from), "path": str(resume_from)})
+    started = time.monotonic()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    runtime = time.monotonic() - started
+
+    history = _loss_history(trainer.state.log_history)
+    final_loss = history[-1]["loss"] if history else None
+    metrics = {
+        **{k: v for k, v in output.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "final_loss": final_loss,
+        "tokens_per_second": throughput.tokens / runtime if runtime > 0 else None,
+        "samples_per_second": throughput.samples / runtime if runtime > 0 else None,
+        "shared_prefix": use_shared_prefix,
+        "prefix_tokens": len(encoded.prefix_ids),
+        "n_samples": len(encoded.samples),
+        "n_truncated": encoded.n_truncated,
+        "trainable_parameters": trainable,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype),
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
+    }
+    if cancel.cancelled:
+        hooks.on_event("cancelled", f"cancelled at step {trainer.state.global_step}",
+                       {"step": trainer.state.global_step})
+        return TrainingResult(None, True, trainer.state.global_step, final_loss, runtime,
+                              loaded.quantization, history, metrics)
+
+    adapter_dir = job_dir / ADAPTER_DIRNAME
+    save_adapter(
+        model, loaded.tokenizer, adapter_dir,
+        metadata={
+            "system_prompt": system_prompt,
+            "label_set": label_set.to_pairs(),
+            "base_model": base_model_name,
+            "training_config": config.model_dump(),
+            "quantization": loaded.quantization,
+            "metrics": metrics,
+        },
+    )
+    _write_loss_curve(history, adapter_dir / LOSS_CURVE_FILENAME, hooks)
+    hooks.on_event("finished", f"training finished at step {trainer.state.global_step}",
+                   {"step": trainer.state.global_step, "adapter_dir": str(adapter_dir), "final_loss": final_loss})
+    return TrainingResult(adapter_dir, False, trainer.state.global_step, final_loss, runtime,
+                          loaded.quantization, history, metrics)
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path, *, metadata: dict) -> None:
+    """Adapter weights + config (peft), the tokenizer, and ``intent_tuner.json`` (how to serve it)."""
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    (adapter_dir / METADATA_FILENAME).write_text(
+        json.dumps(metadata, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
+    )
+
+
+def _write_loss_curve(history: list[dict], path: Path, hooks: TrainingHooks) -> None:
+    """Plot the loss curve; a missing or failing plotter never fails a finished training."""
+    try:
+        from app.ml.plots import plot_loss_curve
+    except ImportError as exc:
+        hooks.on_event("warning", f"loss curve not written: {exc}", {})
+        return
+    try:
+        plot_loss_curve(history, path)
+    except Exception as exc:  # noqa: BLE001 - the adapter is already saved; report and go on
+        logger.exception("loss curve plot failed")
+        hooks.on_event("warning", f"loss curve not written: {exc}", {})
