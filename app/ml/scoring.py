@@ -1,0 +1,436 @@
+"""Score every label of a model's label set for a batch of dialogues, computing the system prompt once.
+
+Why score instead of generate: a fine-tuned model answers ``意图：{id}：{name}``. Instead of letting
+it write free text and parsing it, we ask for the probability of each of the label set's answers
+(+ the end-of-turn token) given the prompt. The result is always a valid label, comes with a
+calibrated confidence and a ranked top-k, and costs a fixed amount of work per text.
+
+The score of a label is the *sum* of its answer tokens' log-probabilities, ``log P(answer | prompt)``:
+the sequence probability the model was trained to maximise. A softmax over the labels' sums is then
+``P(label | prompt, the answer is one of the labels)``. Length normalisation (mean log-prob) is not
+used: it has no probabilistic meaning and favours long names, whose later tokens are nearly
+determined by their first ones; after fine-tuning the whole mass sits on the first distinguishing
+tokens anyway.
+
+How the work is shared (``LabelScorer``, ``strategy="prefix_cache"``):
+
+1. ``PrefixCache``: the system prompt is byte-identical for every request to a model, so its
+   keys/values are computed once per model + adapter (LoRA on k/v changes them) and reused.
+   Its token ids are the longest common token prefix of conversations with different dialogues,
+   because BPE may merge across the system/user boundary. A text whose tokens do not start with
+   that prefix (a merge we did not foresee) is scored without it, never wrongly.
+2. Context pass: per batch of texts, only the per-text suffix (user turn + assistant header, and
+   the tokens every candidate answer starts with, e.g. ``意图：``) runs, on top of a fresh copy of
+   the prefix cache (a cache is mutated by a forward; the stored one is never passed). The last
+   position's logits give each label's first distinguishing token.
+3. Label pass: the context cache is copied row-wise over (text, label) rows and one batched forward
+   runs the remaining answer tokens of all labels (right-padded), in chunks bounded by a budget
+   of cached tokens so 34 labels x a long context do not exhaust memory.
+
+Only the logits that are needed are computed: the decoder's hidden states go through the output
+layer at the needed positions only, in chunks (full-vocabulary logits for 34 labels x 10 tokens on a
+151k-vocab model would be ~200 MB per text).
+
+``strategy="full"`` runs the full sequence (prompt + answer) per (text, label) without any cache;
+it is the fallback for models with sliding-window attention layers, whose caches do not compose
+with a padded, copied context the way full-attention caches do.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from app.ml.chat_data import assistant_turn, completion_ids, encode_prompt, shared_prefix_ids
+from app.ml.prompt import LabelSet, format_answer
+
+Strategy = Literal["prefix_cache", "full"]
+
+# No truncation unless the model's recipe asks for it (``ModelRef.max_input_length``).
+UNLIMITED_INPUT = 1 << 30
+
+
+# --- encoding: exactly as training encodes (app.ml.chat_data) --------------------------------
+
+
+def render_prompt_ids(tokenizer, system_prompt: str, dialogue: str, max_input_length: int | None = None) -> list[int]:
+    """Token ids of the full prompt for one dialogue, ending with the generation prompt.
+
+    ``chat_data.encode_prompt`` (the training encoding; an over-long dialogue loses its end), without
+    its shared-prefix check: a prompt that does not start with the prefix is scored without it here.
+    """
+    return encode_prompt(
+        tokenizer, system_prompt, dialogue, max_input_length=max_input_length or UNLIMITED_INPUT, prefix_ids=[]
+    ).input_ids
+
+
+def shared_prompt_prefix_ids(tokenizer, system_prompt: str) -> list[int]:
+    """The token ids every prompt of this system prompt starts with: the cacheable prefix."""
+    return shared_prefix_ids(tokenizer, system_prompt)
+
+
+def answer_continuation_ids(tokenizer, system_prompt: str, answer: str) -> list[int]:
+    """The tokens the model emits after the prompt for ``answer``, ending with the end-of-turn token.
+
+    ``chat_data.completion_ids``: the very tokens training puts labels on (the template's text
+    before the answer, e.g. GLM-4's newline, the answer, then ``<|im_end|>`` for Qwen or eos when
+    the template writes nothing after an answer).
+    """
+    return completion_ids(tokenizer, answer, assistant_turn(tokenizer, system_prompt))
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(frozen=True)
+class LabelCandidates:
+    """The label set's answers as tokens, computed once per tokenizer + system prompt + label set.
+
+    ``shared_ids`` are the tokens every answer starts with (scored once per text, in the context
+    pass); ``remaining[i]`` are label i's tokens after them (at least one each).
+    """
+
+    label_ids: tuple[int, ...]
+    label_names: tuple[str, ...]
+    shared_ids: tuple[int, ...]
+    remaining: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def build(cls, tokenizer, system_prompt: str, label_set: LabelSet) -> "LabelCandidates":
+        if len(label_set) == 0:
+            raise ValueError("the label set is empty")
+        turn = assistant_turn(tokenizer, system_prompt)
+        full = [completion_ids(tokenizer, format_answer(lab.id, lab.name), turn) for lab in label_set]
+        shared = min(_common_prefix_length(full[0], other) for other in full) if len(full) > 1 else len(full[0]) - 1
+        remaining = tuple(tuple(ids[shared:]) for ids in full)
+        if any(not rest for rest in remaining):
+            raise ValueError("two labels render to the same answer tokens")
+        return cls(
+            label_ids=tuple(lab.id for lab in label_set),
+            label_names=tuple(lab.name for lab in label_set),
+            shared_ids=tuple(full[0][:shared]),
+            remaining=remaining,
+        )
+
+    def full_ids(self, index: int) -> list[int]:
+        return list(self.shared_ids) + list(self.remaining[index])
+
+
+# --- model plumbing ---------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    """The transformers causal LM inside a peft ``PeftModel`` (LoRA layers stay injected in it)."""
+    if not hasattr(model, "get_base_model"):
+        return model
+    from app.ml.loading import silence_bitsandbytes_logs
+
+    silence_bitsandbytes_logs()  # importing peft imports bitsandbytes
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class _OutputHead:
+    """Decoder + output layer split, so logits are computed only where needed.
+
+    Checked once against the model's own forward (a model that post-processes its logits in a way
+    not reproduced here fails loudly instead of scoring wrongly).
+    """
+
+    def __init__(self, model):
+        causal_lm = _unwrap(model)
+        self.decoder = causal_lm.get_decoder()
+        self.lm_head = causal_lm.get_output_embeddings()
+        text_config = causal_lm.config.get_text_config()
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.model = causal_lm
+
+    def log_probs_at(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        """log P(target) for hidden states [N, H] and targets [N], in chunks of positions."""
+        out = []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = self.lm_head(hidden[start : start + chunk]).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logp = torch.log_softmax(logits, dim=-1)
+            out.append(logp.gather(-1, targets[start : start + chunk, None]).squeeze(-1))
+        if not out:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        return torch.cat(out)
+
+    def verify(self, input_ids: list[int], device: torch.device) -> None:
+        ids = torch.tensor([input_ids[:8]], device=device)
+        expected = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+        hidden = self.decoder(input_ids=ids).last_hidden_state[0, -1:]
+        got = self.lm_head(hidden).float()[0]
+        if self.softcap:
+            got = torch.tanh(got / self.softcap) * self.softcap
+        tolerance = 1e-3 * max(1.0, float(expected.abs().max()))
+        if not torch.allclose(got, expected, atol=tolerance, rtol=1e-2):
+            raise RuntimeError(
+                f"{type(self.model).__name__}: decoder + output layer do not reproduce the model's logits; "
+                "label scoring does not support this architecture"
+            )
+
+
+def _has_sliding_layers(model) -> bool:
+    config = _unwrap(model).config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or []
+    return any(t != "full_attention" for t in layer_types) or bool(
+        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
+    )
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=_unwrap(model).config)
+
+
+def _cache_with_rows(cache, row_index: torch.Tensor | None, batch: int | None = None):
+    """A fresh cache holding ``cache``'s keys/values for the given batch rows (or ``batch`` copies of row 0).
+
+    Layers are shallow-copied and their tensors replaced, never modified: the source cache stays
+    valid. ``batch`` uses a stride-0 view; the next forward's concatenation materialises it.
+    """
+    fresh = copy.copy(cache)
+    fresh.layers = []
+    for layer in cache.layers:
+        new_layer = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            if row_index is not None:
+                new_layer.keys = layer.keys.index_select(0, row_index)
+                new_layer.values = layer.values.index_select(0, row_index)
+            else:
+                new_layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+                new_layer.values = layer.values.expand(batch, *layer.values.shape[1:])
+        fresh.layers.append(new_layer)
+    return fresh
+
+
+class PrefixCache:
+    """Keys/values of the shared system-prompt prefix for one model with one adapter state.
+
+    Computed once and only ever copied (``expanded``): a forward appends to the cache it is given.
+    It is only valid for the adapter that was active when it was built; build one per adapter.
+    """
+
+    def __init__(self, model, prefix_ids: list[int]):
+        self.prefix_ids = list(prefix_ids)
+        self.length = len(self.prefix_ids)
+        device = _unwrap(model).device
+        self._cache = _new_cache(model)
+        if self.length:
+            head = _OutputHead(model)
+            with torch.inference_mode():
+                head.decoder(
+                    input_ids=torch.tensor([self.prefix_ids], device=device),
+                    past_key_values=self._cache,
+                    use_cache=True,
+                )
+
+    def matches(self, ids: list[int]) -> bool:
+        """Whether ``ids`` start with the cached prefix and have at least one token after it."""
+        return len(ids) > self.length and ids[: self.length] == self.prefix_ids
+
+    def expanded(self, batch_size: int):
+        """A fresh DynamicCache with the prefix for ``batch_size`` rows (safe to pass to a forward)."""
+        return _cache_with_rows(self._cache, None, batch_size)
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class LabelScorer:
+    """Scores a label set for texts under one model whose adapter state does not change.
+
+    The caller makes sure the same adapter is active for every call (the classifier holds a lock
+    around adapter switching + scoring); the prefix cache is built lazily on the first call.
+
+    - ``max_cached_tokens``: budget for the label pass (rows x context length held in the copied
+      caches at once); lower it on small machines, raise it on a GPU.
+    - ``logit_chunk``: positions sent through the output layer at once.
+    - ``max_input_length``: prompt tokens at most (the training recipe's; None = no truncation).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system_prompt: str,
+        label_set: LabelSet,
+        *,
+        strategy: Strategy | None = None,
+        max_cached_tokens: int = 32768,
+        logit_chunk: int = 256,
+        max_input_length: int | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
+        if strategy is None:
+            strategy = "full" if _has_sliding_layers(model) else "prefix_cache"
+        self.strategy: Strategy = strategy
+        self.max_cached_tokens = max_cached_tokens
+        self.logit_chunk = logit_chunk
+        self.max_input_length = max_input_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._head: _OutputHead | None = None
+        self._prefix: PrefixCache | None = None
+        self.fallback_texts = 0  # texts scored without the prefix (their tokens did not start with it)
+
+    @property
+    def device(self) -> torch.device:
+        return _unwrap(self.model).device
+
+    def _ensure_ready(self, probe_ids: list[int]) -> None:
+        if self._head is None:
+            head = _OutputHead(self.model)
+            with torch.inference_mode():
+                head.verify(probe_ids, self.device)
+            self._head = head
+        if self.strategy == "prefix_cache" and self._prefix is None:
+            self._prefix = PrefixCache(self.model, shared_prompt_prefix_ids(self.tokenizer, self.system_prompt))
+
+    def reset(self) -> None:
+        """Forget the prefix cache (the adapter's weights changed)."""
+        self._prefix = None
+
+    def score(self, texts: list[str], *, batch_size: int = 8) -> torch.Tensor:
+        """log P(answer_label | prompt(text)) for every text and label: a float32 [n_texts, n_labels] CPU tensor."""
+        if not texts:
+            return torch.zeros((0, len(self.candidates.label_ids)))
+        prompts = [render_prompt_ids(self.tokenizer, self.system_prompt, t, self.max_input_length) for t in texts]
+        self._ensure_ready(prompts[0])
+        results: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                results.append(self._score_batch(prompts[start : start + batch_size]))
+        return torch.cat(results)
+
+    def _score_batch(self, prompts: list[list[int]]) -> torch.Tensor:
+        if self.strategy == "full":
+            return self._score_full(prompts)
+        assert self._prefix is not None
+        out = torch.empty((len(prompts), len(self.candidates.label_ids)), dtype=torch.float32)
+        with_prefix = [i for i, ids in enumerate(prompts) if self._prefix.matches(ids)]
+        without = [i for i in range(len(prompts)) if i not in set(with_prefix)]
+        self.fallback_texts += len(without)
+        if with_prefix:
+            out[with_prefix] = self._score_cached([prompts[i] for i in with_prefix], self._prefix)
+        if without:
+            out[without] = self._score_cached([prompts[i] for i in without], None)
+        return out
+
+    # -- prefix_cache strategy: context pass + label pass
+
+    def _score_cached(self, prompts: list[list[int]], prefix: PrefixCache | None) -> torch.Tensor:
+        cands, head, device = self.candidates, self._head, self.device
+        plen = prefix.length if prefix is not None else 0
+        n_shared = len(cands.shared_ids)
+
+        # Context pass: per-text suffix + the tokens all answers share, right-padded.
+        suffixes = [ids[plen:] + list(cands.shared_ids) for ids in prompts]
+        suffix_ids, suffix_mask = _right_pad(suffixes, self.pad_id, device)
+        batch = len(prompts)
+        cache = prefix.expanded(batch) if prefix is not None else _new_cache(self.model)
+        ctx_mask = torch.cat([torch.ones((batch, plen), dtype=torch.long, device=device), suffix_mask], dim=1)
+        positions = plen + torch.arange(suffix_ids.shape[1], device=device).expand(batch, -1)
+        hidden = head.decoder(
+            input_ids=suffix_ids,
+            attention_mask=ctx_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        lengths = torch.tensor([len(s) for s in suffixes], device=device)
+        rows = torch.arange(batch, device=device)
+        # log P(shared answer tokens): the same for every label of a text, kept for exact sequence scores.
+        shared_logp = torch.zeros(batch, device=device)
+        if n_shared:
+            offsets = torch.arange(n_shared, device=device)
+            pos = (lengths - 1 - n_shared)[:, None] + offsets[None, :]
+            h = hidden[rows[:, None], pos].reshape(batch * n_shared, -1)
+            targets = torch.tensor(cands.shared_ids, device=device).repeat(batch)
+            shared_logp = head.log_probs_at(h, targets, self.logit_chunk).view(batch, n_shared).sum(-1)
+        # First distinguishing token of every label, from the last context position.
+        last_logits = head.lm_head(hidden[rows, lengths - 1]).float()
+        if head.softcap:
+            last_logits = torch.tanh(last_logits / head.softcap) * head.softcap
+        first = torch.tensor([rest[0] for rest in cands.remaining], device=device)
+        scores = torch.log_softmax(last_logits, dim=-1)[:, first] + shared_logp[:, None]
+
+        # Label pass: (text, label) rows for labels with more than one remaining token.
+        multi = [j for j, rest in enumerate(cands.remaining) if len(rest) > 1]
+        if multi:
+            context_len = ctx_mask.shape[1]
+            real_len = plen + lengths  # tokens of each text's context, padding excluded
+            pairs = [(b, j) for b in range(batch) for j in multi]
+            per_chunk = max(1, self.max_cached_tokens // max(1, context_len))
+            for start in range(0, len(pairs), per_chunk):
+                chunk = pairs[start : start + per_chunk]
+                text_rows = torch.tensor([b for b, _ in chunk], device=device)
+                label_inputs = [list(cands.remaining[j][:-1]) for _, j in chunk]
+                label_targets = [list(cands.remaining[j][1:]) for _, j in chunk]
+                in_ids, in_mask = _right_pad(label_inputs, self.pad_id, device)
+                hidden = head.decoder(
+                    input_ids=in_ids,
+                    attention_mask=torch.cat([ctx_mask[text_rows], in_mask], dim=1),
+                    position_ids=real_len[text_rows, None] + torch.arange(in_ids.shape[1], device=device)[None, :],
+                    past_key_values=_cache_with_rows(cache, text_rows),
+                    use_cache=True,
+                ).last_hidden_state
+                valid = in_mask.bool()
+                tgt, _ = _right_pad(label_targets, 0, device)
+                logp = head.log_probs_at(hidden[valid], tgt[valid], self.logit_chunk)
+                row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(valid)[valid]
+                sums = torch.zeros(len(chunk), device=device).index_add_(0, row_of, logp)
+                for k, (b, j) in enumerate(chunk):
+                    scores[b, j] += sums[k]
+        return scores.float().cpu()
+
+    # -- full strategy: every (text, label) sequence from scratch
+
+    def _score_full(self, prompts: list[list[int]]) -> torch.Tensor:
+        cands, head, device = self.candidates, self._head, self.device
+        n_labels = len(cands.label_ids)
+        answers = [cands.full_ids(j) for j in range(n_labels)]
+        pairs = [(b, j) for b in range(len(prompts)) for j in range(n_labels)]
+        scores = torch.zeros((len(prompts), n_labels), dtype=torch.float32)
+        longest = max(len(p) for p in prompts) + max(len(a) for a in answers)
+        per_chunk = max(1, self.max_cached_tokens // longest)
+        for start in range(0, len(pairs), per_chunk):
+            chunk = pairs[start : start + per_chunk]
+            seqs = [prompts[b] + answers[j] for b, j in chunk]
+            ids, mask = _right_pad(seqs, self.pad_id, device)
+            hidden = head.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            for k, (b, j) in enumerate(chunk):
+                p, a = len(prompts[b]), answers[j]
+                h = hidden[k, p - 1 : p - 1 + len(a)]
+                scores[b, j] = head.log_probs_at(h, torch.tensor(a, device=device), self.logit_chunk).sum().cpu()
+        return scores
+
+
+def label_distribution(log_probs: torch.Tensor) -> torch.Tensor:
+    """Softmax over labels of the summed answer log-probs: P(label | prompt, answer is a label)."""
+    return torch.softmax(log_probs.float(), dim=-1)
