@@ -99,6 +99,7 @@ class BaseModelOut(BaseModel):
     description: str
     default: bool = False
     prepared: bool
+    available: bool = Field(True, description="can be prepared here without installing anything")
     hub_id: str | None = None
 
 

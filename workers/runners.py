@@ -103,7 +103,7 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> Jo
             metrics={"final_loss": result.final_loss, "steps": result.steps,
                      "train_runtime_s": result.train_runtime_s, **result.metrics},
         )
-        job_service.set_progress(session, job.id, {**job_row.progress, "step": result.steps})
+        job_service.set_progress(session, job.id, {"step": result.steps})
     _event(settings, job.id, "model_registered", f"adapter registered as model {model.id}",
            {"model_id": model.id, "adapter_dir": str(result.adapter_dir)})
 

@@ -175,7 +175,9 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
 
 
 def set_progress(session: Session, job_id: str, progress: dict) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(progress=progress, heartbeat_at=utcnow()))
+    """Merge ``progress`` into the job's progress (training steps and evaluation counts live side by side)."""
+    current = session.scalar(select(Job.progress).where(Job.id == job_id)) or {}
+    session.execute(update(Job).where(Job.id == job_id).values(progress={**current, **progress}, heartbeat_at=utcnow()))
     session.commit()
 
 

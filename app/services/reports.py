@@ -53,3 +53,8 @@ def report_file(report: Report, name: str) -> Path:
 
 def read_report_json(report: Report, name: str = "results.json") -> dict | list:
     return json.loads(report_file(report, name).read_text(encoding="utf-8"))
+
+
+def report_metrics(report: Report) -> dict:
+    """Everything GET /reports/{id} shows: the headline metrics plus per-class figures and confusions."""
+    return {**read_report_json(report, "results.json"), **read_report_json(report, "detailed_analysis.json")}

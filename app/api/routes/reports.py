@@ -17,7 +17,7 @@ def list_reports(session: SessionDep, model_id: str | None = None) -> list[Repor
 @router.get("/{report_id}", summary="All metrics of a report (accuracy, F1s, per-class, confused pairs, timing)")
 def get_report(report_id: str, session: SessionDep) -> dict:
     report = service.get_report(session, report_id)
-    return {**report_out(report).model_dump(mode="json"), "metrics": service.read_report_json(report)}
+    return {**report_out(report).model_dump(mode="json"), "metrics": service.report_metrics(report)}
 
 
 @router.get("/{report_id}/confusion_matrix.png", response_class=FileResponse)
