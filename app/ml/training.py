@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -299,7 +300,10 @@ def train_adapter(
         double_quant=config.bnb_4bit_use_double_quant,
         gradient_checkpointing=config.gradient_checkpointing,
     )
-    model = get_peft_model(loaded.model, _lora_config(config))
+    with warnings.catch_warnings():
+        # peft reads the deprecated ``is_gradient_checkpointing``; nothing for a job log to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(loaded.model, _lora_config(config))
     trainable, total = model.get_nb_trainable_parameters()
     use_shared_prefix = config.shared_prefix and supports_shared_prefix(model)
     hooks.on_event(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,13 @@ def test_cancel_stops_within_a_step_and_resume_continues_exactly(tiny_model_dir,
     uninterrupted = {e["step"]: e["loss"] for e in full_run[0].loss_history}
     for entry in resumed.loss_history:
         assert entry["loss"] == pytest.approx(uninterrupted[entry["step"]], rel=1e-4), entry["step"]
+
+    # A worker killed after the last checkpoint but before the adapter was written: no step is redone.
+    shutil.rmtree(job_dir / "adapter")
+    finishing = Recorder()
+    finished = _train(tiny_model_dir, records, job_dir, finishing)
+    assert finished.steps == 20 and finishing.logs == []
+    assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_cancel_before_training_starts(tiny_model_dir, records, tmp_path):
