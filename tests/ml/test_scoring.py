@@ -96,9 +96,14 @@ def base_reference(base):
     return reference_scores(*base, TEXTS, CMCC34_LABEL_SET)
 
 
+@pytest.fixture(scope="module")
+def adapted_reference(adapted):
+    return reference_scores(*adapted, TEXTS, CMCC34_LABEL_SET)
+
+
 def test_cached_prefix_scores_equal_uncached_reference(base, base_reference):
     scorer = LabelScorer(*base, SYSTEM_PROMPT, CMCC34_LABEL_SET)
-    assert scorer.strategy == "prefix_cache"
+    assert scorer.strategy == "prefix_cache" and scorer.label_pass == "packed"  # sdpa
     scores = scorer.score(TEXTS, batch_size=len(TEXTS))
     torch.testing.assert_close(scores[:, REF_COLUMNS], base_reference, atol=ATOL, rtol=RTOL)
     assert scorer.fallback_texts == 0  # every text reused the cached prefix
@@ -112,18 +117,31 @@ def test_batches_of_mixed_lengths_equal_one_text_at_a_time(base, base_reference)
     torch.testing.assert_close(batched[:, REF_COLUMNS], base_reference, atol=ATOL, rtol=RTOL)
 
 
-def test_tiny_label_pass_budget_still_matches(base, base_reference):
-    """A budget of one (text, label) row per forward exercises the chunked label pass."""
-    scorer = LabelScorer(*base, SYSTEM_PROMPT, CMCC34_LABEL_SET, max_cached_tokens=1, logit_chunk=3)
-    torch.testing.assert_close(scorer.score(TEXTS[1:2])[:, REF_COLUMNS], base_reference[1:2], atol=ATOL, rtol=RTOL)
+def test_rows_label_pass_equals_reference(base, base_reference):
+    """The per-(text, label) row pass (for attention without custom masks) gives the same scores."""
+    scorer = LabelScorer(*base, SYSTEM_PROMPT, CMCC34_LABEL_SET, label_pass="rows")
+    torch.testing.assert_close(scorer.score(TEXTS, batch_size=3)[:, REF_COLUMNS], base_reference, atol=ATOL, rtol=RTOL)
+    # A budget of one row per forward exercises its chunking.
+    tight = LabelScorer(*base, SYSTEM_PROMPT, CMCC34_LABEL_SET, label_pass="rows", max_cached_tokens=1, logit_chunk=3)
+    torch.testing.assert_close(tight.score(TEXTS[1:2])[:, REF_COLUMNS], base_reference[1:2], atol=ATOL, rtol=RTOL)
 
 
-def test_with_lora_adapter_scores_equal_reference_and_differ_from_base(adapted, base_reference):
+def test_packed_label_pass_with_eager_attention_equals_reference(tiny_model_dir, base_reference):
+    """eager attention adds the mask to the scores: the packed pass must build an additive mask for it."""
+    from app.ml.loading import load_base_model
+
+    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu", attn_implementation="eager")
+    scorer = LabelScorer(loaded.model, loaded.tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)
+    assert scorer.label_pass == "packed"
+    torch.testing.assert_close(scorer.score(TEXTS, batch_size=2)[:, REF_COLUMNS], base_reference, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("label_pass", ["packed", "rows"])
+def test_with_lora_adapter_scores_equal_reference_and_differ_from_base(adapted, adapted_reference, base_reference, label_pass):
     model, tokenizer = adapted
-    scorer = LabelScorer(model, tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)
+    scorer = LabelScorer(model, tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET, label_pass=label_pass)
     scores = scorer.score(TEXTS, batch_size=2)
-    reference = reference_scores(model, tokenizer, TEXTS, CMCC34_LABEL_SET)
-    torch.testing.assert_close(scores[:, REF_COLUMNS], reference, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(scores[:, REF_COLUMNS], adapted_reference, atol=ATOL, rtol=RTOL)
     assert (scores[:, REF_COLUMNS] - base_reference).abs().max() > 1e-2  # the adapter (incl. its prefix k/v) matters
 
 
