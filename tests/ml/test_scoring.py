@@ -172,6 +172,19 @@ def test_full_strategy_equals_reference(base, base_reference):
     torch.testing.assert_close(scores[:, REF_COLUMNS], base_reference[:3], atol=ATOL, rtol=RTOL)
 
 
+def test_4bit_base_cached_scores_equal_full_sequence_scores(tiny_model_dir):
+    """QLoRA serving: the prefix cache and packed pass hold on a bitsandbytes NF4 base too."""
+    from app.ml.loading import bitsandbytes_available, load_base_model
+
+    if not bitsandbytes_available(torch.device("cpu")):
+        pytest.skip("bitsandbytes cannot run 4-bit on this CPU")
+    loaded = load_base_model(tiny_model_dir, quantization="4bit", device="cpu")
+    args = (loaded.model, loaded.tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)
+    cached = LabelScorer(*args).score(TEXTS[:2])
+    full = LabelScorer(*args, strategy="full").score(TEXTS[:2])
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=RTOL)
+
+
 def test_stored_prefix_cache_is_never_mutated(base):
     model, tokenizer = base
     prefix = PrefixCache(model, shared_prompt_prefix_ids(tokenizer, SYSTEM_PROMPT))
