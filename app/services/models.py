@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sqlalchemy import select
@@ -43,20 +44,32 @@ def resolve_model_ref(session: Session, settings: Settings, model: str, *, label
             if not adapter_dir.is_dir():
                 raise NotFoundError(f"model '{model}': adapter files are missing at {adapter_dir}")
             version = f"{adapter.id}:{adapter.created_at.isoformat()}:{_mtime(adapter_dir)}"
+            trained_with = _training_config(adapter_dir)
             return ModelRef(
                 key=adapter.id, version=version,
                 base_model_dir=resolve_base_model(adapter.base_model, settings),
                 adapter_dir=adapter_dir, system_prompt=adapter.system_prompt,
-                label_set=LabelSet.from_pairs(adapter.label_set), quantization="none" if adapter.quantization == "none" else "auto",
+                label_set=LabelSet.from_pairs(adapter.label_set),
+                # one base model in memory serves every adapter on it: 4-bit where "auto" picks it
+                quantization="auto",
+                # dialogues are cut at serving exactly as they were in training
+                max_input_length=trained_with.get("max_input_length"),
             )
         get_spec(model, settings)
         label_set = LabelSet.from_pairs(labels) if labels else CMCC34_LABEL_SET
         base_dir = resolve_base_model(model, settings)
         return ModelRef(key=f"base:{model}", version=f"base:{model}", base_model_dir=base_dir, adapter_dir=None,
-                        system_prompt=build_system_prompt(label_set), label_set=label_set, quantization="none")
+                        system_prompt=build_system_prompt(label_set), label_set=label_set, quantization="auto")
     except BaseModelError as exc:
         raise UnprocessableError(f"model '{model}' is neither a fine-tuned model id nor a usable base model: {exc}",
                                  field="model") from None
+
+
+def _training_config(adapter_dir: Path) -> dict:
+    meta = adapter_dir / "intent_tuner.json"
+    if not meta.is_file():
+        return {}
+    return json.loads(meta.read_text(encoding="utf-8")).get("training_config") or {}
 
 
 def _mtime(path: Path) -> int:
