@@ -5,14 +5,19 @@ which quantisation (QLoRA's NF4 + double quant via bitsandbytes, or none), which
 which device. Training and serving both call it, so an adapter is always served on the same kind
 of base it was trained on.
 
-CPU and 4-bit. bitsandbytes 0.50 has a CPU backend and the 4-bit path loads, trains and generates
-on the CPU. But it is not a speed-up there: every Linear4bit forward (and backward) dequantises its
-weight to fp32 first, so a 4-bit CPU step is *slower* than the same step on a plain fp32 base, and
-its only gain is memory. Measured on the 2-core development machine (random Glm4 with hidden 768,
-12 layers, ~100M parameters, LoRA r=16 on q/k/v/o, batch 4 x 256 tokens; see the training report):
-fp32 "none" ~1.5x faster per step than NF4. The models that fit a CPU at all (<= 1B parameters)
-fit in fp32 too, so ``quantization="auto"`` means 4-bit on CUDA and "none" on the CPU. A caller
-that wants QLoRA on the CPU anyway (memory-bound machines) asks for ``"4bit"`` explicitly.
+CPU and 4-bit. bitsandbytes 0.50 has a CPU backend: the 4-bit path loads, trains and generates
+on the CPU. It buys nothing there but memory, and costs base-model quality. Measured on the
+2-core development machine (2026-11, torch 2.13 CPU, bitsandbytes 0.50.2, fp32 compute):
+- speed: a LoRA step (r=16 on q/k/v/o, batch 4 real CMCC-34 samples, ~760 tokens each, shared
+  prefix) on a random ~310M-parameter Glm4 (hidden 768, 12 layers, Qwen's 152k vocabulary) took
+  8.5 CPU-s in NF4 vs 8.3 CPU-s in fp32 (1 thread; ratio 1.02): each Linear4bit dequantises its
+  weight to fp32 and then runs the same matmul;
+- quality: Qwen2.5-Coder-0.5B-Instruct's zero-shot NLL of the CMCC-34 answer tokens on 6 real
+  samples rose from 0.86 to 1.14 nats/token in NF4 (+33%; whole-text NLL +1.4%); its weights
+  already went through a Q4_K_M GGUF, and NF4 quantises them a second time;
+- memory: the models that run on a CPU at all (<= ~1B parameters) fit in fp32 (Qwen 0.5B: ~2 GB).
+So ``quantization="auto"`` means 4-bit on CUDA (QLoRA: a 9B base in ~6 GB) and "none" on the CPU.
+A caller that wants QLoRA on the CPU anyway (a memory-bound machine) asks for ``"4bit"``.
 """
 
 from __future__ import annotations

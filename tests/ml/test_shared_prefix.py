@@ -141,3 +141,20 @@ def test_unsupported_models_fall_back(tiny_model_dir):
     assert not supports_shared_prefix(reentrant)
     eager = load_base_model(tiny_model_dir, quantization="none", attn_implementation="eager").model
     assert supports_shared_prefix(eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_prefix_on_cuda_with_a_4bit_base_in_bf16_autocast(tiny_model_dir, batches):
+    """The production setting (QLoRA, bf16 compute): equal up to bf16 rounding."""
+    naive, shared = ({k: v.cuda() for k, v in batch.items()} for batch in batches)
+    loaded = load_base_model(tiny_model_dir, quantization="4bit", for_training=True, device="cuda",
+                             gradient_checkpointing=True)
+    model = _lora_model(loaded.model)
+    assert supports_shared_prefix(model)
+    with torch.autocast("cuda", dtype=loaded.dtype):
+        ref_loss, ref_grads = _loss_and_grads(model, lambda: model(**naive).loss)
+        loss, grads = _loss_and_grads(model, lambda: shared_prefix_loss(model, **shared))
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
+    for name, ref in ref_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(ref.flatten().float(), grads[name].flatten().float(), dim=0)
+        assert cosine > 0.98, name
