@@ -15,3 +15,21 @@ def tiny_model_dir(tmp_path_factory):
     from app.ml.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny-glm4"))
+
+
+def make_random_lora_adapter(base_dir, out_dir, seed: int):
+    """A LoRA adapter on q/k/v/o with random lora_B (so it changes outputs), dropout on (eval must disable it)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir

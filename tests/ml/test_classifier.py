@@ -12,6 +12,7 @@ from app.ml.classifier import ClassifierRegistry, IntentClassifier, ModelRef, Pr
 from app.ml.generation import generate_answers
 from app.ml.prompt import LabelSet, build_system_prompt, format_answer, parse_answer
 from app.ml.scoring import LabelScorer, answer_continuation_ids, label_distribution, render_prompt_ids
+from tests.ml.conftest import make_random_lora_adapter
 
 LABELS = LabelSet.from_pairs(
     [(1, "办理取消"), (3, "咨询（含查询）营销活动信息"), (7, "办理开通"), (12, "投诉（含抱怨）费用问题"), (29, "办理缴费")]
@@ -20,21 +21,6 @@ SYSTEM_PROMPT = build_system_prompt(LABELS)
 TEXTS = ["您好请讲[SEP]我要开通流量包", "喂[SEP]这个月怎么扣了我五十块钱", "缴费"]
 
 
-def make_random_lora_adapter(base_dir, out_dir, seed: int):
-    """A LoRA adapter on q/k/v/o with random lora_B (so it changes outputs), dropout on (eval must disable it)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(str(out_dir))
-    return out_dir
 
 
 def ref(key, base_dir, adapter_dir, version="1", system_prompt=SYSTEM_PROMPT, label_set=LABELS) -> ModelRef:

@@ -17,6 +17,7 @@ from app.ml.scoring import (
     render_prompt_ids,
     shared_prompt_prefix_ids,
 )
+from tests.ml.conftest import make_random_lora_adapter
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
 # Different lengths (padding inside a batch) and openings (BPE merges at the prefix boundary).
@@ -33,21 +34,6 @@ ATOL, RTOL = 1e-4, 1e-5  # fp32; scores are sums of ~10 log-probs of magnitude ~
 REF_COLUMNS = [0, 1, 7, 8, 15, 20, 29, 33]
 
 
-def make_random_lora_adapter(base_dir, out_dir, seed: int):
-    """A LoRA adapter on q/k/v/o with random lora_B (so it changes outputs), dropout on (eval must disable it)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(str(out_dir))
-    return out_dir
 
 
 @pytest.fixture(scope="module")
