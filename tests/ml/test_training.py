@@ -106,10 +106,13 @@ def test_checkpoints_are_written_every_save_steps_and_rotated(full_run):
 
 
 def test_adapter_directory_holds_weights_tokenizer_and_metadata(full_run):
-    result, _, job_dir = full_run
+    result, recorder, job_dir = full_run
+    assert "warning" not in recorder.kinds()
     adapter = result.adapter_dir
     assert adapter == job_dir / "adapter"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", METADATA_FILENAME):
+    names = ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", METADATA_FILENAME,
+             "loss_curve.png")
+    for name in names:
         assert (adapter / name).is_file(), name
     meta = json.loads((adapter / METADATA_FILENAME).read_text(encoding="utf-8"))
     assert meta["system_prompt"] == SYSTEM_PROMPT
