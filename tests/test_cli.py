@@ -1,0 +1,46 @@
+"""`intent-tuner classify` and `intent-tuner evaluate` drive the same services on DATA_DIR's database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from app.core.db import session_scope
+from app.data.cmcc34 import CMCC34_LABEL_SET
+from app.ml.prompt import build_system_prompt
+from app.models import FineTunedModel
+from tests.conftest import upload
+from tests.ml.conftest import make_random_lora_adapter
+
+
+def _cli(settings, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA_DIR": str(settings.data_dir)}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_classify_and_evaluate(client, settings, sample_csv):
+    from app.ml.base_models import resolve_base_model
+
+    adapter = make_random_lora_adapter(resolve_base_model("tiny-glm4", settings), settings.data_dir / "adapter", 5)
+    with session_scope(settings) as session:
+        session.add(FineTunedModel(id="ft_cli", name="cli", base_model="tiny-glm4", adapter_path=str(adapter),
+                                   label_set=CMCC34_LABEL_SET.to_pairs(), quantization="none",
+                                   system_prompt=build_system_prompt(CMCC34_LABEL_SET)))
+    dataset_id = upload(client, sample_csv).json()["id"]
+
+    classified = _cli(settings, "classify", "--model", "ft_cli", stdin="您好请讲[SEP]我要开通流量包\n您好[SEP]帮我取消彩铃\n")
+    assert classified.returncode == 0, classified.stderr
+    lines = [json.loads(line) for line in classified.stdout.splitlines()]
+    assert len(lines) == 2 and all(line["intent_id"] in CMCC34_LABEL_SET.ids for line in lines)
+    assert "classify" in classified.stderr  # the progress bar
+
+    evaluated = _cli(settings, "evaluate", "--model", "ft_cli", "--dataset", dataset_id)
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads(evaluated.stdout)
+    assert summary["n_samples"] == 68 and 0 <= summary["accuracy"] <= 1
+    report = client.get(f"/reports/{summary['report_id']}").json()
+    assert report["metrics"]["accuracy"] == summary["accuracy"]
+    assert "evaluate" in evaluated.stderr
