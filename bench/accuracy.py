@@ -105,9 +105,11 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
         training = train_bench_adapter(split, label_set, system_prompt, base_model_name, base_model_dir, config,
                                        work_dir / "accuracy-job", device=device, progress=progress)
         seen = training.steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        # As the API serves a trained adapter (app.services.models.resolve_model_ref): dialogues cut
+        # at the training max_input_length.
         ref = ModelRef(key="bench-adapter", version="1", base_model_dir=base_model_dir,
                        adapter_dir=training.adapter_dir, system_prompt=system_prompt, label_set=label_set,
-                       quantization=training.quantization)
+                       quantization="auto", max_input_length=config.max_input_length)
         progress(f"[accuracy] evaluating the adapter on {len(split.held_out)} rows (score mode)")
         report, elapsed = evaluate_with_classifier(ref, split.held_out, label_set, device=device)
         runs.append(AccuracyRun(
@@ -122,7 +124,7 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
         progress(f"[accuracy] evaluating the base model zero-shot on {len(split.held_out)} rows")
         try:
             ref = ModelRef(key="bench-zero-shot", version="1", base_model_dir=base_model_dir, adapter_dir=None,
-                           system_prompt=system_prompt, label_set=label_set, quantization="none")
+                           system_prompt=system_prompt, label_set=label_set, quantization="auto")
             report, elapsed = evaluate_with_classifier(ref, split.held_out, label_set, device=device)
             runs.append(AccuracyRun(f"{base_model_name} zero-shot (no adapter), label scoring", "nothing", None,
                                     elapsed / len(split.held_out), report))
@@ -156,7 +158,8 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
         "Macro-F1 averages over the intents present in the held-out truth or the predictions "
         "(`app.ml.evaluation.build_report`). The held-out part is small (one real row per intent plus a few "
         "synthetic ones), so one row moves accuracy by several points; the adapter's budget is a few minutes "
-        "of CPU, far from a full fine-tune.")
+        "of CPU, far from a full fine-tune. The adapter reads each dialogue cut to its training "
+        "`max_input_length` (as the API serves it); the baseline reads the whole dialogue.")
     result.data = {"split": split.description, "runs": [
         {"name": r.name, "trained_on": r.trained_on, "train_seconds": r.train_seconds,
          "eval_seconds_per_text": r.eval_seconds_per_text,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.data.formats import Record
+from app.ml.generation import DEFAULT_MAX_NEW_TOKENS
 from app.ml.prompt import LabelSet
 from bench.report import SectionResult, Table, bar_group, new_figure, percentile, ratio, save_figure
 
@@ -40,6 +41,7 @@ class AdapterUnderTest:
     label_set: LabelSet
     quantization: str
     description: str  # e.g. "LoRA adapter trained 16 steps in this run"
+    max_input_length: int | None = None  # the training recipe's (the API cuts dialogues the same way)
 
 
 @dataclass
@@ -71,6 +73,42 @@ class ModeRun:
     @property
     def batched_texts_per_s(self) -> float | None:
         return 1000.0 * self.batch_size / self.batch_request_ms if self.batch_request_ms else None
+
+
+@dataclass
+class RequestWork:
+    """Tokens one request runs through the model in each mode (means over the measured texts)."""
+
+    prefix_tokens: int
+    prompt_tokens: float  # the whole prompt: what generate prefills
+    generated_tokens: float  # decode steps of generate (answer + end-of-turn token)
+    suffix_tokens: float  # the prompt after the cached prefix (+ the tokens all answers share)
+    label_tokens: int  # the packed candidate-answer tokens after the first distinguishing one
+    label_positions: int  # positions whose full-vocabulary log-probs score needs
+
+
+def request_work(tokenizer, system_prompt: str, label_set: LabelSet, texts: list[str], generated: list[str],
+                 max_input_length: int | None) -> RequestWork:
+    from app.ml.chat_data import shared_prefix_ids
+    from app.ml.scoring import LabelCandidates, render_prompt_ids
+
+    prefix = len(shared_prefix_ids(tokenizer, system_prompt))
+    prompts = [len(render_prompt_ids(tokenizer, system_prompt, t, max_input_length)) for t in texts]
+    candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
+    shared = len(candidates.shared_ids)
+    label_tokens = sum(len(rest) - 1 for rest in candidates.remaining)
+    # The API returns the decoded answer, not its token count: re-encoding it (+ the end-of-turn token) is
+    # exact for a well-formed answer; garbage may re-encode longer, so cap at the decode limit.
+    new_tokens = [min(len(tokenizer(g, add_special_tokens=False)["input_ids"]) + 1, DEFAULT_MAX_NEW_TOKENS)
+                  for g in generated] or [0]
+    return RequestWork(
+        prefix_tokens=prefix,
+        prompt_tokens=statistics.fmean(prompts),
+        generated_tokens=statistics.fmean(new_tokens),
+        suffix_tokens=statistics.fmean(prompts) - prefix + shared,
+        label_tokens=label_tokens,
+        label_positions=shared + 1 + label_tokens,
+    )
 
 
 def _prepare_service_dir(service_dir: Path, base_model_name: str, base_model_dir: Path):
@@ -125,7 +163,7 @@ def measure_modes(client, model: str, records: list[Record], warmup_text: str, *
                 run.server_latencies_ms.append(body["latency_ms"])
                 run.correct += prediction["intent_id"] == record.label_id
                 run.unparseable += not prediction["parsed"]
-                if mode == "generate" and len(run.raw_examples) < 3:
+                if mode == "generate":
                     run.raw_examples.append(prediction["raw_output"] or "")
                 progress(f"[classify] {mode}: request {index + 1}/{len(records)} {elapsed:.0f} ms")
             body, run.batch_request_ms = _post(client, {"model": model, "texts": texts, "mode": mode, "top_k": 1})
@@ -140,6 +178,7 @@ def run_classify_section(base_model_name: str, base_model_dir: Path, records: li
                          label_set: LabelSet, plot_path: Path, work_dir: Path, *,
                          adapter: AdapterUnderTest | None = None, device: str | None = None,
                          progress=print) -> SectionResult:
+    """Both modes through the API; ``adapter`` (else the base model zero-shot) is the model served."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -163,7 +202,7 @@ def run_classify_section(base_model_name: str, base_model_dir: Path, records: li
         f"Model: {subject}. {len(records)} dialogues (held-out rows when the CMCC-34 data is present), "
         f"{len(label_set)} labels. Target to report against: >= 10x.",
         "- `generate`: the upstream method: the full prompt (system prompt included) runs for every request and "
-        "the answer is decoded greedily (at most 32 new tokens), then parsed.\n"
+        f"the answer is decoded greedily (at most {DEFAULT_MAX_NEW_TOKENS} new tokens), then parsed.\n"
         "- `score`: the system prompt's keys/values are computed once per model; a request runs only its dialogue "
         "and the candidate answers, and always returns a valid label.\n"
         "- Each mode gets one warm-up request first (loads the model / builds the prefix cache; reported apart), "
@@ -196,13 +235,43 @@ def run_classify_section(base_model_name: str, base_model_dir: Path, records: li
                   {r.mode: [r.sequential_texts_per_s, r.batched_texts_per_s] for r in measured},
                   ylabel="texts / s", title="/classify throughput")
         result.plot = save_figure(fig, plot_path)
+    if gen.latencies_ms:
+        from app.ml.loading import load_tokenizer
+
+        max_input_length = adapter.max_input_length if adapter is not None else None
+        work = request_work(load_tokenizer(base_model_dir), adapter.system_prompt if adapter else
+                            _zero_shot_prompt(label_set), label_set, [r.dialogue for r in records],
+                            gen.raw_examples, max_input_length)
+        result.tables.append(Table(
+            ["mode", "tokens run per request", "full-vocabulary projections", "sequential forward passes"],
+            [["generate", f"{work.prompt_tokens:.0f} prompt (incl. {work.prefix_tokens} prefix) + "
+                          f"{work.generated_tokens:.1f} generated", f"{work.generated_tokens:.1f}",
+              f"1 + {work.generated_tokens - 1:.1f} decode steps"],
+             ["score", f"{work.suffix_tokens:.0f} suffix + {work.label_tokens} packed label tokens",
+              str(work.label_positions), "2 (context, labels)"]],
+            caption="Work per one-text request (means over the measured texts; truncation as served"
+                    + (f": max_input_length {max_input_length})" if max_input_length else ": none)"),
+        ))
+        result.data["work"] = asdict(work)
+        result.notes.append(
+            "Why the ratio depends on the hardware: on a CPU every token costs compute, so a request costs "
+            "roughly its token count, and scoring 34 candidate answers (plus their full-vocabulary projections) "
+            "costs about what the skipped system prompt saves; generation's decode steps are few. On a GPU a "
+            "prefill of hundreds of tokens costs about one decode step, so generation's sequential decode steps "
+            "dominate its latency there, which one scoring pass avoids. Only the CPU figures above are measured.")
     if gen.raw_examples:
-        shown = "; ".join(f"`{t[:60]}`" for t in gen.raw_examples)
+        shown = "; ".join(f"`{t[:60]}`" for t in gen.raw_examples[:3])
         result.notes.append(f"First generated answers: {shown}. \"correct\" compares the predicted intent with "
                             "the row's label on these few texts; the accuracy section measures it properly.")
-    result.data = {"model": model, "subject": subject, "runs": {m: asdict(r) for m, r in runs.items()}}
+    result.data.update({"model": model, "subject": subject, "runs": {m: asdict(r) for m, r in runs.items()}})
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _zero_shot_prompt(label_set: LabelSet) -> str:
+    from app.ml.prompt import build_system_prompt
+
+    return build_system_prompt(label_set)
 
 
 def _x(value: float | None) -> str:

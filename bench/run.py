@@ -50,7 +50,7 @@ class Sizes:
 
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
 # (a 0.5B-model LoRA step on batch 4 with the ~520-token prompt takes tens of seconds there).
-FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, classify_requests=6,
+FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, classify_requests=5,
              accuracy_steps=8, accuracy_dialogue_tokens=128, zero_shot=False)
 QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, classify_requests=2,
               accuracy_steps=2, accuracy_dialogue_tokens=128, zero_shot=False)
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter = None
         if training is not None and training.adapter_dir is not None:
             adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
-                                       f"the LoRA adapter trained in section 4 ({training.steps} steps)")
+                                       f"the LoRA adapter trained in section 4 ({training.steps} steps)",
+                                       max_input_length=config.max_input_length)
         results["classify"] = run_classify_section(model_name, model_dir, records, warmup_text, label_set,
                                                    img_dir / f"{prefix}classify.png", work_dir, adapter=adapter,
                                                    device=args.device, progress=log)

@@ -100,10 +100,11 @@ def test_classify_section_measures_both_modes_through_the_api(quick_run):
     section = _section(markdown, "classify")
     assert "LoRA adapter trained in section 4" in section  # the API served this run's adapter
     for mode in ("generate", "score"):
-        (row,) = _table_rows(section, mode, exact=True)
-        assert float(row[2]) > 0 and float(row[3]) > 0  # p50, p95
-        assert re.fullmatch(r"\d+/2", row[7])
-    (score,) = _table_rows(section, "score", exact=True)
+        timing, work = _table_rows(section, mode, exact=True)  # the latency table, then the work table
+        assert float(timing[2]) > 0 and float(timing[3]) > 0  # p50, p95
+        assert re.fullmatch(r"\d+/2", timing[7])
+        assert re.search(rf"{NUMBER} (prompt|suffix)", work[1])
+    score = _table_rows(section, "score", exact=True)[0]
     assert score[7] == "0/2"  # scoring always returns a label
     assert _table_rows(section, "score vs generate")
 
