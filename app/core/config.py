@@ -13,7 +13,7 @@ CONFIGS_DIR = PROJECT_ROOT / "configs"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(default=Path("data"), description="Database, uploads, jobs, models, reports.")
     database_url: str | None = Field(default=None, description="Defaults to SQLite in DATA_DIR.")
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     default_config: str = "cmcc34_qlora_system_prompt"
     # Base-model directories not in the built-in registry: "name=path,name2=path2".
     extra_base_models: str = ""
+    base_models_dir_override: Path | None = Field(
+        default=None, validation_alias="BASE_MODELS_DIR",
+        description="Where prepared base models are cached (default DATA_DIR/base_models); shareable.")
     adapter_cache_size: int = 2
     worker_poll_seconds: float = 1.0
     worker_heartbeat_seconds: float = 5.0
@@ -50,7 +53,7 @@ class Settings(BaseSettings):
 
     @property
     def base_models_dir(self) -> Path:
-        return self.data_dir / "base_models"
+        return self.base_models_dir_override or self.data_dir / "base_models"
 
     @property
     def reports_dir(self) -> Path:
