@@ -20,7 +20,8 @@ from app.data.formats import DatasetFormatError, ParsedDataset, Record, parse_da
 from app.ml.prompt import LabelSet, build_system_prompt
 from app.models import Dataset, Job, new_id
 from app.services import token_stats
-from app.services.errors import ConflictError, NotFoundError, PayloadTooLargeError, UnprocessableError
+from app.services.errors import ConflictError, PayloadTooLargeError, UnprocessableError
+from app.services.rows import get_row
 
 RECORDS_FILE = "records.jsonl"
 
@@ -104,10 +105,7 @@ def list_datasets(session: Session) -> list[Dataset]:
 
 
 def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFoundError(f"dataset '{dataset_id}' not found")
-    return dataset
+    return get_row(session, Dataset, dataset_id, "dataset")
 
 
 def delete_dataset(session: Session, settings: Settings, dataset_id: str) -> None:

@@ -20,7 +20,8 @@ from app.core.config import Settings
 from app.ml.training_config import available_configs, resolve_training_config
 from app.models import JOB_TERMINAL, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
-from app.services.errors import ConflictError, NotFoundError, UnprocessableError
+from app.services.errors import ConflictError, UnprocessableError
+from app.services.rows import get_row
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
@@ -104,10 +105,7 @@ def list_jobs(session: Session, status: str | None = None, limit: int = 100) -> 
 
 
 def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFoundError(f"job '{job_id}' not found")
-    return job
+    return get_row(session, Job, job_id, "job")
 
 
 def list_events(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:

@@ -13,6 +13,7 @@ from app.data.cmcc34 import CMCC34_LABEL_SET
 from app.ml.prompt import LabelSet, build_system_prompt
 from app.models import FineTunedModel
 from app.services.errors import NotFoundError, UnprocessableError
+from app.services.rows import get_row
 
 
 def list_adapters(session: Session) -> list[FineTunedModel]:
@@ -20,10 +21,7 @@ def list_adapters(session: Session) -> list[FineTunedModel]:
 
 
 def get_adapter(session: Session, model_id: str) -> FineTunedModel:
-    model = session.get(FineTunedModel, model_id)
-    if model is None:
-        raise NotFoundError(f"model '{model_id}' not found")
-    return model
+    return get_row(session, FineTunedModel, model_id, "model")
 
 
 def list_base_models(settings: Settings) -> list[dict]:

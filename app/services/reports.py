@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.models import Report, new_id
 from app.services.errors import NotFoundError
+from app.services.rows import get_row
 
 SUMMARY_KEYS = ("n_samples", "accuracy", "macro_f1", "weighted_f1", "success_rate", "n_failed",
                 "evaluation_seconds", "seconds_per_sample", "mode")
@@ -38,10 +39,7 @@ def list_reports(session: Session, model_id: str | None = None) -> list[Report]:
 
 
 def get_report(session: Session, report_id: str) -> Report:
-    report = session.get(Report, report_id)
-    if report is None:
-        raise NotFoundError(f"report '{report_id}' not found")
-    return report
+    return get_row(session, Report, report_id, "report")
 
 
 def report_file(report: Report, name: str) -> Path:
