@@ -104,7 +104,8 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
     try:
         training = train_bench_adapter(split, label_set, system_prompt, base_model_name, base_model_dir, config,
                                        work_dir / "accuracy-job", device=device, progress=progress)
-        seen = training.steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        seen = training.steps * batch
         # As the API serves a trained adapter (app.services.models.resolve_model_ref): dialogues cut
         # at the training max_input_length.
         ref = ModelRef(key="bench-adapter", version="1", base_model_dir=base_model_dir,
@@ -114,7 +115,7 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
         report, elapsed = evaluate_with_classifier(ref, split.held_out, label_set, device=device)
         runs.append(AccuracyRun(
             f"LoRA adapter on {base_model_name}, label scoring",
-            f"{training.steps} steps x {config.per_device_train_batch_size} = {seen} samples drawn from the "
+            f"{training.steps} steps x {batch} = {seen} samples drawn from the "
             f"{len(split.train)} training rows ({seen / len(split.train):.2f} epochs)",
             training.train_runtime_s, elapsed / len(split.held_out), report))
     except Exception as exc:  # noqa: BLE001 - the section reports what it could not measure
@@ -137,7 +138,7 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
         f"Split: {split.description}. The held-out rows cover {n_classes} intents (chance accuracy ~{1 / n_classes:.1%}).",
     ]
     shown = ("quantization", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "learning_rate",
-             "per_device_train_batch_size", "max_steps", "max_input_length", "gradient_checkpointing", "shared_prefix")
+             "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "max_input_length", "gradient_checkpointing", "shared_prefix")
     result.intro.append("Adapter hyperparameters: " + ", ".join(f"{k}={getattr(config, k)}" for k in shown) + ".")
     if training is not None:
         loss = f"{training.final_loss:.3f}" if training.final_loss is not None else "–"

@@ -51,7 +51,7 @@ class Sizes:
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
 # (a 0.5B-model LoRA step on batch 4 with the ~520-token prompt takes tens of seconds there).
 FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, classify_requests=5,
-             accuracy_steps=None, accuracy_dialogue_tokens=None, zero_shot=False)
+             accuracy_steps=None, accuracy_dialogue_tokens=128, zero_shot=False)
 QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, classify_requests=2,
               accuracy_steps=2, accuracy_dialogue_tokens=128, zero_shot=False)
 
@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         from app.ml.loading import load_tokenizer
 
         recipe = "tiny_test" if model_name == TINY else "cpu_small"
-        # The recipe as `make demo` trains it, save for checkpoints (none needed) and a log line per step.
+        # The recipe as `make demo` trains it, save for checkpoints (none needed), a log line per step and,
+        # within the time budget, real dialogues (about twice the bundled sample's length) cut shorter.
         overrides = {"save_steps": 10**6, "logging_steps": 1}
         if sizes.accuracy_steps is not None:
             overrides["max_steps"] = sizes.accuracy_steps
