@@ -137,9 +137,9 @@ def main() -> int:
                       f"success rate {m['success_rate']:.3f}")
                 print(f"   files: {data_dir / 'reports' / report['id']}/ (confusion_matrix.png, "
                       "error_predictions.json, failed_predictions.json, detailed_analysis.json)")
-            model = client.get(f"/models/{model_id}").json()
-            print(f"== adapter: {data_dir / 'jobs' / job['id'] / 'adapter'} (loss_curve.png inside); "
-                  f"final loss {model['metrics'].get('final_loss')}")
+            final_loss = client.get(f"/models/{model_id}").json()["metrics"].get("final_loss")
+            print(f"== adapter: {data_dir / 'jobs' / job['id'] / 'adapter'} (loss_curve.png inside); final loss "
+                  + (f"{final_loss:.4f}" if final_loss is not None else "not logged"))
             return 0
     finally:
         worker.terminate()
