@@ -111,6 +111,27 @@ def test_training_job_end_to_end_in_process_worker(client, settings):
         assert 0 < prediction["confidence"] <= 1 and len(prediction["top_k"]) == 5
 
 
+def test_4bit_qlora_job_on_cpu_through_the_api(client, settings):
+    """quantization "4bit" on a CPU: bitsandbytes NF4 base, LoRA on top; the job and model record it."""
+    from workers.worker import Worker
+
+    train_id, val_id = _datasets(client, per_label_train=2, labels=4)
+    job = client.post("/jobs", json={"dataset_id": train_id, "validation_dataset_id": val_id,
+                                     "base_model": "tiny-glm4", "config": "tiny_test",
+                                     "hyperparameters": {"quantization": "4bit", "max_steps": 3, "save_steps": 2,
+                                                         "logging_steps": 1}}).json()
+    assert Worker(settings).run_forever(exit_when_idle=True) == 1
+
+    job = client.get(f"/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    events = {e["kind"]: e for e in client.get(f"/jobs/{job['id']}/events").json()}
+    assert events["model_loaded"]["data"]["quantization"] == "4bit"
+    assert _checkpoints(settings, job["id"]) == [2, 3]
+    model = client.get(f"/models/{job['model_id']}").json()
+    assert model["quantization"] == "4bit"
+    assert client.get(f"/reports/{job['report_id']}").json()["metrics"]["success_rate"] == 1.0
+
+
 def _legacy_jsonl(per_label: int, labels: int) -> bytes:
     """The old upstream format: instruction template pasted into each user message, 2 messages."""
     from app.data.cmcc34 import CMCC34_LABELS
