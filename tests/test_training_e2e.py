@@ -192,18 +192,22 @@ def test_cancel_a_running_job_keeps_its_checkpoint(client, settings):
 
 
 def test_worker_killed_mid_job_resumes_from_checkpoint(client, settings):
+    from app.ml.training import checkpoint_step, latest_checkpoint
+
     train_id, _ = _datasets(client)
     max_steps, save_steps = 60, 10
     job_id = client.post("/jobs", json={"dataset_id": train_id, "base_model": "tiny-glm4", "config": "tiny_test",
                                         "hyperparameters": {"max_steps": max_steps, "save_steps": save_steps}}).json()["id"]
+    checkpoints = settings.data_dir / "jobs" / job_id / "checkpoints"
     first = _start_worker(settings)
     try:
-        _wait(lambda: _checkpoints(settings, job_id), 300, "a first checkpoint")
+        # A complete checkpoint: killed while writing its first one, the job would rightly start over.
+        _wait(lambda: latest_checkpoint(checkpoints), 300, "a first complete checkpoint")
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     finally:
         _stop(first)
-    killed_at = _checkpoints(settings, job_id)[-1]
+    killed_at = checkpoint_step(latest_checkpoint(checkpoints))
     assert client.get(f"/jobs/{job_id}").json()["status"] == "running"  # nobody has noticed yet
     if killed_at >= max_steps:
         pytest.skip("the worker finished before it could be killed (machine too fast for this test)")
