@@ -40,22 +40,24 @@ def _classify(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from workers.runners import run_evaluation
     from app.services import jobs as job_service
     from app.services.reports import get_report
+    from workers.worker import Worker
 
     settings = get_settings()
     run_migrations(settings)
+    worker = Worker(settings)  # heartbeat, cancel and a final status exactly as a served worker gives
     with session_scope(settings) as session:
-        job = job_service.create_evaluation_job(session, settings, model=args.model, dataset_id=args.dataset,
-                                                mode=args.mode)
-        job_id = job.id
-    report_id = run_evaluation(settings, job_id=job_id, model=args.model, dataset_id=args.dataset, mode=args.mode,
-                               should_stop=lambda: False)
+        job_id = job_service.create_evaluation_job(session, settings, model=args.model, dataset_id=args.dataset,
+                                                   mode=args.mode, claimed_by=worker.worker_id).id
+    worker.run_one(job_id)
     with session_scope(settings) as session:
-        job_service.finish_job(session, job_id, "succeeded", report_id=report_id)
-        report = get_report(session, report_id)
-        print(json.dumps({"report_id": report_id, "path": report.path, **report.summary}, ensure_ascii=False, indent=2))
+        job = job_service.get_job(session, job_id)
+        if job.status != "succeeded":
+            print(f"evaluation job {job_id} {job.status}: {job.error_message}", file=sys.stderr)
+            return 1
+        report = get_report(session, job.report_id)
+        print(json.dumps({"report_id": report.id, "path": report.path, **report.summary}, ensure_ascii=False, indent=2))
     return 0
 
 

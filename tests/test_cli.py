@@ -44,3 +44,8 @@ def test_cli_classify_and_evaluate(client, settings, sample_csv):
     report = client.get(f"/reports/{summary['report_id']}").json()
     assert report["metrics"]["accuracy"] == summary["accuracy"]
     assert "evaluate" in evaluated.stderr
+    # The CLI's job never sat in the queue, where a served worker could have run it a second time.
+    job = next(j for j in client.get("/jobs").json() if j["kind"] == "evaluate")
+    assert job["status"] == "succeeded" and job["report_id"] == summary["report_id"]
+    kinds = [e["kind"] for e in client.get(f"/jobs/{job['id']}/events").json()]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "succeeded"

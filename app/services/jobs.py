@@ -70,7 +70,10 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
     return job
 
 
-def create_evaluation_job(session: Session, settings: Settings, *, model: str, dataset_id: str, mode: str) -> Job:
+def create_evaluation_job(session: Session, settings: Settings, *, model: str, dataset_id: str, mode: str,
+                          claimed_by: str | None = None) -> Job:
+    """Queue an evaluation, or with ``claimed_by`` create it already running for that worker (the CLI runs
+    it in-process; a job inserted as queued could be claimed by a ``make serve`` worker as well)."""
     from app.services.models import resolve_model_ref
 
     dataset = get_dataset(session, dataset_id)
@@ -81,9 +84,14 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
                                  field="dataset_id")
     job = Job(id=new_id("job"), kind="evaluate", status="queued", dataset_id=dataset.id, target_model_id=model,
               params={"mode": mode}, hyperparameters={}, progress={})
+    if claimed_by:
+        now = utcnow()
+        job.status, job.worker_id, job.heartbeat_at, job.started_at, job.attempts = "running", claimed_by, now, now, 1
     session.add(job)
     session.flush()
     add_event(session, job.id, "queued", f"evaluation of '{model}' on dataset {dataset.id} queued ({mode})")
+    if claimed_by:
+        add_event(session, job.id, "started", f"run in-process by {claimed_by}")
     session.commit()
     return job
 
