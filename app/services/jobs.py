@@ -196,9 +196,8 @@ def finish_job(session: Session, job_id: str, status: str, *, error_code: str | 
     if report_id:
         values["report_id"] = report_id
     session.execute(update(Job).where(Job.id == job_id).values(**values))
-    kind = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}[status]
     message = error_message if status == "failed" else f"job {status}"
-    add_event(session, job_id, kind, message or kind, {"error_code": error_code} if error_code else {})
+    add_event(session, job_id, status, message or status, {"error_code": error_code} if error_code else {})
     session.commit()
 
 
