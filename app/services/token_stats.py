@@ -31,10 +31,11 @@ def _default_tokenizer(settings: Settings):
         from app.ml.base_models import resolve_base_model
 
         path = resolve_base_model(settings.default_base_model, settings, prepare=False)
-    except Exception as exc:  # not prepared yet, or no registry: figures in characters only
+        tokenizer = _tokenizer(str(Path(path)))
+    except Exception as exc:  # not prepared yet, unreadable, or no registry: figures in characters only
         log.debug("no tokenizer for token figures: %s", exc)
         return None, None
-    return _tokenizer(str(Path(path))), settings.default_base_model
+    return tokenizer, settings.default_base_model
 
 
 def token_figures(records: list[Record], system_prompt: str, label_set: LabelSet, settings: Settings) -> dict | None:

@@ -11,11 +11,12 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
-async def upload_dataset(session: SessionDep, settings: SettingsDep,
-                         file: Annotated[UploadFile, File(description="CSV (CMCC-34 or text,label) or JSONL chat")],
-                         name: Annotated[str | None, Form()] = None) -> DatasetOut:
-    # Read one byte past the limit so an oversized upload is refused without reading it all.
-    raw = await file.read(settings.max_upload_bytes + 1)
+def upload_dataset(session: SessionDep, settings: SettingsDep,
+                   file: Annotated[UploadFile, File(description="CSV (CMCC-34 or text,label) or JSONL chat")],
+                   name: Annotated[str | None, Form()] = None) -> DatasetOut:
+    # A plain def: FastAPI runs it in a worker thread, so parsing and tokenizing a large upload does not
+    # block other requests. At most one byte past the limit is read from the spooled upload into memory.
+    raw = file.file.read(settings.max_upload_bytes + 1)
     return dataset_out(service.create_dataset(session, settings, raw, file.filename, name))
 
 
