@@ -72,6 +72,16 @@ def render_prompt(tokenizer, system_prompt: str, dialogue: str) -> str:
     )
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def shared_prefix_ids(tokenizer, system_prompt: str) -> list[int]:
     """The token ids every prompt with ``system_prompt`` starts with.
 
@@ -80,14 +90,7 @@ def shared_prefix_ids(tokenizer, system_prompt: str) -> list[int]:
     and takes their longest common token prefix.
     """
     encoded = [_tokenize(tokenizer, render_prompt(tokenizer, system_prompt, d)) for d in _PROBE_DIALOGUES]
-    prefix = encoded[0]
-    for ids in encoded[1:]:
-        n = 0
-        for a, b in zip(prefix, ids):
-            if a != b:
-                break
-            n += 1
-        prefix = prefix[:n]
+    prefix = encoded[0][: min(common_prefix_length(encoded[0], ids) for ids in encoded[1:])]
     if not prefix:
         raise ValueError("the chat template gives the prompts no common token prefix")
     return prefix

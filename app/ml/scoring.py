@@ -49,7 +49,8 @@ from typing import Literal
 
 import torch
 
-from app.ml.chat_data import assistant_turn, completion_ids, encode_prompt, shared_prefix_ids
+from app.ml.chat_data import assistant_turn, common_prefix_length, completion_ids, encode_prompt, shared_prefix_ids
+from app.ml.shared_prefix import has_sliding_attention, unwrap_causal_lm
 from app.ml.prompt import LabelSet, format_answer
 
 Strategy = Literal["prefix_cache", "full"]
@@ -75,11 +76,6 @@ def render_prompt_ids(tokenizer, system_prompt: str, dialogue: str, max_input_le
     ).input_ids
 
 
-def shared_prompt_prefix_ids(tokenizer, system_prompt: str) -> list[int]:
-    """The token ids every prompt of this system prompt starts with: the cacheable prefix."""
-    return shared_prefix_ids(tokenizer, system_prompt)
-
-
 def answer_continuation_ids(tokenizer, system_prompt: str, answer: str) -> list[int]:
     """The tokens the model emits after the prompt for ``answer``, ending with the end-of-turn token.
 
@@ -88,14 +84,6 @@ def answer_continuation_ids(tokenizer, system_prompt: str, answer: str) -> list[
     the template writes nothing after an answer).
     """
     return completion_ids(tokenizer, answer, assistant_turn(tokenizer, system_prompt))
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass(frozen=True)
@@ -117,7 +105,7 @@ class LabelCandidates:
             raise ValueError("the label set is empty")
         turn = assistant_turn(tokenizer, system_prompt)
         full = [completion_ids(tokenizer, format_answer(lab.id, lab.name), turn) for lab in label_set]
-        shared = min(_common_prefix_length(full[0], other) for other in full) if len(full) > 1 else len(full[0]) - 1
+        shared = min(common_prefix_length(full[0], other) for other in full) if len(full) > 1 else len(full[0]) - 1
         remaining = tuple(tuple(ids[shared:]) for ids in full)
         if any(not rest for rest in remaining):
             raise ValueError("two labels render to the same answer tokens")
@@ -135,18 +123,6 @@ class LabelCandidates:
 # --- model plumbing ---------------------------------------------------------------------------
 
 
-def _unwrap(model):
-    """The transformers causal LM inside a peft ``PeftModel`` (LoRA layers stay injected in it)."""
-    if not hasattr(model, "get_base_model"):
-        return model
-    from app.ml.loading import silence_bitsandbytes_logs
-
-    silence_bitsandbytes_logs()  # importing peft imports bitsandbytes
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 class _OutputHead:
     """Decoder + output layer split, so logits are computed only where needed.
 
@@ -155,20 +131,23 @@ class _OutputHead:
     """
 
     def __init__(self, model):
-        causal_lm = _unwrap(model)
+        causal_lm = unwrap_causal_lm(model)
         self.decoder = causal_lm.get_decoder()
         self.lm_head = causal_lm.get_output_embeddings()
         text_config = causal_lm.config.get_text_config()
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.model = causal_lm
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden states, soft-capped where the model caps them (Gemma)."""
+        logits = self.lm_head(hidden).float()
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
     def log_probs_at(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         """log P(target) for hidden states [N, H] and targets [N], in chunks of positions."""
         out = []
         for start in range(0, hidden.shape[0], chunk):
-            logits = self.lm_head(hidden[start : start + chunk]).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = self.logits(hidden[start : start + chunk])
             logp = torch.log_softmax(logits, dim=-1)
             out.append(logp.gather(-1, targets[start : start + chunk, None]).squeeze(-1))
         if not out:
@@ -179,9 +158,7 @@ class _OutputHead:
         ids = torch.tensor([input_ids[:8]], device=device)
         expected = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
         hidden = self.decoder(input_ids=ids).last_hidden_state[0, -1:]
-        got = self.lm_head(hidden).float()[0]
-        if self.softcap:
-            got = torch.tanh(got / self.softcap) * self.softcap
+        got = self.logits(hidden)[0]
         tolerance = 1e-3 * max(1.0, float(expected.abs().max()))
         if not torch.allclose(got, expected, atol=tolerance, rtol=1e-2):
             raise RuntimeError(
@@ -190,18 +167,10 @@ class _OutputHead:
             )
 
 
-def _has_sliding_layers(model) -> bool:
-    config = _unwrap(model).config.get_text_config()
-    layer_types = getattr(config, "layer_types", None) or []
-    return any(t != "full_attention" for t in layer_types) or bool(
-        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    )
-
-
 def _new_cache(model):
     from transformers import DynamicCache
 
-    return DynamicCache(config=_unwrap(model).config)
+    return DynamicCache(config=unwrap_causal_lm(model).config)
 
 
 def _cache_with_rows(cache, row_index: torch.Tensor | None, batch: int | None = None):
@@ -235,7 +204,7 @@ class PrefixCache:
     def __init__(self, model, prefix_ids: list[int]):
         self.prefix_ids = list(prefix_ids)
         self.length = len(self.prefix_ids)
-        device = _unwrap(model).device
+        device = unwrap_causal_lm(model).device
         self._cache = _new_cache(model)
         if self.length:
             head = _OutputHead(model)
@@ -300,12 +269,13 @@ class LabelScorer:
         self.system_prompt = system_prompt
         self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
         if strategy is None:
-            strategy = "full" if _has_sliding_layers(model) else "prefix_cache"
+            sliding = has_sliding_attention(unwrap_causal_lm(model).config.get_text_config())
+            strategy = "full" if sliding else "prefix_cache"
         self.strategy: Strategy = strategy
         self.max_cached_tokens = max_cached_tokens
         self.logit_chunk = logit_chunk
         self.max_input_length = max_input_length
-        self._attn_implementation = getattr(_unwrap(model).config, "_attn_implementation", None)
+        self._attn_implementation = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None)
         if label_pass == "auto":
             label_pass = "packed" if self._attn_implementation in _CUSTOM_MASK_ATTENTION else "rows"
         elif label_pass == "packed" and self._attn_implementation not in _CUSTOM_MASK_ATTENTION:
@@ -318,7 +288,7 @@ class LabelScorer:
 
     @property
     def device(self) -> torch.device:
-        return _unwrap(self.model).device
+        return unwrap_causal_lm(self.model).device
 
     def _ensure_ready(self, probe_ids: list[int]) -> None:
         if self._head is None:
@@ -327,7 +297,7 @@ class LabelScorer:
                 head.verify(probe_ids, self.device)
             self._head = head
         if self.strategy == "prefix_cache" and self._prefix is None:
-            self._prefix = PrefixCache(self.model, shared_prompt_prefix_ids(self.tokenizer, self.system_prompt))
+            self._prefix = PrefixCache(self.model, shared_prefix_ids(self.tokenizer, self.system_prompt))
 
     def reset(self) -> None:
         """Forget the prefix cache (the adapter's weights changed)."""
@@ -394,9 +364,7 @@ class LabelScorer:
             targets = torch.tensor(cands.shared_ids, device=device).repeat(batch)
             shared_logp = head.log_probs_at(h, targets, self.logit_chunk).view(batch, n_shared).sum(-1)
         # First distinguishing token of every label, from the last context position.
-        last_logits = head.lm_head(hidden[rows, lengths - 1]).float()
-        if head.softcap:
-            last_logits = torch.tanh(last_logits / head.softcap) * head.softcap
+        last_logits = head.logits(hidden[rows, lengths - 1])
         first = torch.tensor([rest[0] for rest in cands.remaining], device=device)
         scores = torch.log_softmax(last_logits, dim=-1)[:, first] + shared_logp[:, None]
 

@@ -128,6 +128,17 @@ def _reentrant_checkpointing(layers) -> bool:
     return False
 
 
+def has_sliding_attention(config) -> bool:
+    """Whether some layer attends through a sliding window (a prefix cache would then see a different mask).
+
+    A ``sliding_window`` without ``use_sliding_window`` counts as used (Mistral has no such switch).
+    """
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return True
+    layer_types = getattr(config, "layer_types", None)
+    return bool(layer_types) and any(t != "full_attention" for t in layer_types)
+
+
 def supports_shared_prefix(model) -> bool:
     """Whether ``shared_prefix_loss`` computes the exact loss for this model (else use the naive path).
 
@@ -143,10 +154,7 @@ def supports_shared_prefix(model) -> bool:
     config = causal_lm.config
     if getattr(config, "_attn_implementation", None) not in _SUPPORTED_ATTENTION:
         return False
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
+    if has_sliding_attention(config):
         return False
     layers = _decoder_layers(causal_lm.get_decoder())
     return bool(layers) and not _reentrant_checkpointing(layers)

@@ -7,6 +7,7 @@ import torch
 
 from app.data.cmcc34 import CMCC34_LABEL_SET
 from app.data.sample import generate_sample_dialogues
+from app.ml.chat_data import shared_prefix_ids
 from app.ml.prompt import LabelSet, build_system_prompt, format_answer
 from app.ml.scoring import (
     LabelCandidates,
@@ -15,7 +16,6 @@ from app.ml.scoring import (
     answer_continuation_ids,
     label_distribution,
     render_prompt_ids,
-    shared_prompt_prefix_ids,
 )
 from tests.ml.conftest import make_random_lora_adapter
 
@@ -137,7 +137,7 @@ def test_prefix_cache_from_another_adapter_state_gives_other_scores(adapted):
     scorer = LabelScorer(model, tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)
     good = scorer.score(TEXTS[:2])
     with model.disable_adapter():
-        stale_prefix = PrefixCache(model, shared_prompt_prefix_ids(tokenizer, SYSTEM_PROMPT))
+        stale_prefix = PrefixCache(model, shared_prefix_ids(tokenizer, SYSTEM_PROMPT))
     scorer._prefix = stale_prefix
     assert (scorer.score(TEXTS[:2]) - good).abs().max() > 1e-3
 
@@ -173,7 +173,7 @@ def test_4bit_base_cached_scores_equal_full_sequence_scores(tiny_model_dir):
 
 def test_stored_prefix_cache_is_never_mutated(base):
     model, tokenizer = base
-    prefix = PrefixCache(model, shared_prompt_prefix_ids(tokenizer, SYSTEM_PROMPT))
+    prefix = PrefixCache(model, shared_prefix_ids(tokenizer, SYSTEM_PROMPT))
     before = [(layer.keys.clone(), layer.values.clone()) for layer in prefix._cache.layers]
     scorer = LabelScorer(model, tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)
     scorer._ensure_ready(render_prompt_ids(tokenizer, SYSTEM_PROMPT, "x"))
@@ -187,7 +187,7 @@ def test_stored_prefix_cache_is_never_mutated(base):
 def test_prefix_is_shared_by_every_sample_dialogue(base):
     """The cached prefix must not end inside a BPE merge with typical dialogues (else no reuse)."""
     _, tokenizer = base
-    prefix = shared_prompt_prefix_ids(tokenizer, SYSTEM_PROMPT)
+    prefix = shared_prefix_ids(tokenizer, SYSTEM_PROMPT)
     assert len(prefix) > 100  # the whole system prompt
     rows = generate_sample_dialogues(per_label=1, seed=3)
     for row in rows:
@@ -205,7 +205,7 @@ def test_real_cmcc_dialogues_reuse_the_prefix(base):
     if not path.is_file():
         pytest.skip("real CMCC-34 rows are not on this machine")
     _, tokenizer = base
-    prefix = shared_prompt_prefix_ids(tokenizer, SYSTEM_PROMPT)
+    prefix = shared_prefix_ids(tokenizer, SYSTEM_PROMPT)
     records = parse_dataset(path.read_bytes(), path.name).records
     assert len(records) > 100
     for record in records:
