@@ -172,16 +172,20 @@ def evaluate_records(
 
     texts = [r.dialogue for r in records]
     total = len(texts)
-    predictions = []
+    # Batches of similar length pad least; predictions go back to the records' order.
+    order = sorted(range(total), key=lambda i: len(texts[i]))
+    predictions: list = [None] * total
     began = time.perf_counter()
     with tqdm(total=total, desc=f"evaluate ({mode})", unit="text", file=sys.stderr,
               disable=not show_progress_bar, mininterval=2.0) as bar:
         for start in range(0, total, batch_size):
-            batch = texts[start : start + batch_size]
-            predictions.extend(classifier.classify(batch, mode=mode, batch_size=batch_size))
+            indices = order[start : start + batch_size]
+            batch = [texts[i] for i in indices]
+            for i, prediction in zip(indices, classifier.classify(batch, mode=mode, batch_size=batch_size)):
+                predictions[i] = prediction
             bar.update(len(batch))
             if progress is not None:
-                progress(len(predictions), total)
+                progress(start + len(batch), total)
     elapsed = time.perf_counter() - began
     return build_report(
         y_true=[r.label_id for r in records],

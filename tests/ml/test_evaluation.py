@@ -136,6 +136,18 @@ def test_evaluate_records_score_mode(zero_shot):
     assert all(w["confidence"] is not None for w in report["wrong_predictions"])
 
 
+def test_evaluate_records_batches_by_length_but_reports_in_record_order(zero_shot):
+    classifier, label_set = zero_shot
+    rows = generate_sample_dialogues(per_label=1, seed=6)[:6]
+    # Lengths out of order, so the length-sorted batches differ from the record order.
+    records = [Record(r.dialogue + "[SEP]好的" * (5 - i) * 3, r.label_id) for i, r in enumerate(rows)]
+    report = evaluate_records(classifier, records, label_set, batch_size=2, show_progress_bar=False)
+    alone = [classifier.classify([r.dialogue])[0].intent_id for r in records]
+    wrong = {w["index"]: (w["text"], w["pred_id"]) for w in report["wrong_predictions"]}
+    assert wrong == {i: (r.dialogue, alone[i]) for i, r in enumerate(records) if alone[i] != r.label_id}
+    assert wrong  # the random model gets some wrong: the check above is not vacuous
+
+
 def test_evaluate_records_generate_mode_keeps_failures(zero_shot):
     classifier, label_set = zero_shot
     records = [Record(r.dialogue, r.label_id) for r in generate_sample_dialogues(per_label=1, seed=5)[:3]]
