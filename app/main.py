@@ -12,6 +12,7 @@ from app.api.deps import require_api_key
 from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
+from app.services.datasets import remove_stale_staging
 from app.services.errors import ServiceError
 
 log = logging.getLogger("intent_tuner")
@@ -25,6 +26,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         run_migrations(settings)
         for folder in (settings.datasets_dir, settings.jobs_dir, settings.reports_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        for name in remove_stale_staging(settings):
+            log.warning("removed %s, left behind by an upload that was interrupted", name)
         yield
 
     app = FastAPI(

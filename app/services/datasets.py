@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -70,6 +71,18 @@ def create_dataset(session: Session, settings: Settings, raw: bytes, filename: s
         shutil.rmtree(final_dir, ignore_errors=True)
         raise
     return dataset
+
+
+def remove_stale_staging(settings: Settings, older_than_seconds: float = 3600) -> list[str]:
+    """Delete upload staging folders left by a process killed mid-upload (another process's upload in
+    flight is younger than ``older_than_seconds`` and kept)."""
+    cutoff = time.time() - older_than_seconds
+    removed = []
+    for folder in settings.datasets_dir.glob(".*.partial"):
+        if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 def _write_records(path: Path, records: list[Record]) -> None:
