@@ -14,13 +14,13 @@ from app.core.db import run_migrations, session_scope
 
 
 def _prepare(args) -> int:
-    from app.ml.base_models import prepare_cli
+    from app.ml.models.registry import prepare_cli
 
     return prepare_cli(args.name, get_settings())
 
 
 def _classify(args) -> int:
-    from app.ml.classifier import ClassifierRegistry
+    from app.ml.infer.classifier import ClassifierRegistry
     from app.services.models import resolve_model_ref
 
     settings = get_settings()

@@ -18,7 +18,7 @@ import httpx
 
 from app.core.config import PROJECT_ROOT, get_settings
 from app.core.db import run_migrations
-from app.ml.training_config import load_config_file
+from app.ml.train.config import load_config_file
 
 SAMPLES = PROJECT_ROOT / "samples"
 

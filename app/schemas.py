@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.ml.training_config import TrainingConfig
+from app.ml.train.config import TrainingConfig
 
 
 class LabelOut(BaseModel):

@@ -1,10 +1,10 @@
 """Section 4: accuracy and macro-F1 on held-out CMCC-34 rows, fine-tuned adapter vs TF-IDF baseline.
 
 Both are trained on the same training rows (``bench.data.stratified_split``). The adapter is
-trained with ``app.ml.training.train_adapter`` (shared prefix on) from the project's CPU recipe
-with a step budget, and evaluated with label scoring (``app.ml.evaluation.evaluate_records``,
-``mode="score"``); the baseline is ``app.ml.baseline``. Metrics come from the same
-``app.ml.evaluation.build_report`` for both.
+trained with ``app.ml.train.trainer.train_adapter`` (shared prefix on) from the project's CPU recipe
+with a step budget, and evaluated with label scoring (``app.ml.eval.run.evaluate_records``,
+``mode="score"``); the baseline is ``app.ml.eval.baseline``. Metrics come from the same
+``app.ml.eval.run.build_report`` for both.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.data.formats import Record
-from app.ml.prompt import LabelSet
+from app.domain.prompt import LabelSet
 from bench.data import Split
 from bench.report import SectionResult, Table, bar_group, new_figure, save_figure
 
@@ -32,8 +32,8 @@ class AccuracyRun:
 
 
 def evaluate_baseline(split: Split, label_set: LabelSet) -> AccuracyRun:
-    from app.ml.baseline import fit_baseline, predict
-    from app.ml.evaluation import build_report
+    from app.ml.eval.baseline import fit_baseline, predict
+    from app.ml.eval.run import build_report
 
     began = time.perf_counter()
     model = fit_baseline(split.train)
@@ -52,7 +52,7 @@ def evaluate_baseline(split: Split, label_set: LabelSet) -> AccuracyRun:
 
 def train_bench_adapter(split: Split, label_set: LabelSet, system_prompt: str, base_model_name: str,
                         base_model_dir: Path, config, job_dir: Path, *, device: str | None, progress=print):
-    from app.ml.training import TrainingHooks, train_adapter
+    from app.ml.train.trainer import TrainingHooks, train_adapter
 
     shutil.rmtree(job_dir, ignore_errors=True)  # never resume a previous run's checkpoints
 
@@ -68,8 +68,8 @@ def train_bench_adapter(split: Split, label_set: LabelSet, system_prompt: str, b
 
 
 def evaluate_with_classifier(ref, records: list[Record], label_set: LabelSet, *, device: str | None) -> tuple[dict, float]:
-    from app.ml.classifier import ClassifierRegistry
-    from app.ml.evaluation import evaluate_records
+    from app.ml.infer.classifier import ClassifierRegistry
+    from app.ml.eval.run import evaluate_records
 
     registry = ClassifierRegistry(max_adapters=1, device=device)
     try:
@@ -86,7 +86,7 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
                          device: str | None = None, zero_shot: bool = False, skip_reason: str | None = None,
                          progress=print) -> tuple[SectionResult, object | None]:
     """Returns the section and the training result (its adapter is reused by the classify section)."""
-    from app.ml.classifier import ModelRef
+    from app.ml.infer.classifier import ModelRef
 
     started = time.perf_counter()
     result = SectionResult("accuracy", "4. Accuracy on held-out CMCC-34 rows: fine-tuned adapter vs TF-IDF baseline")
@@ -157,7 +157,7 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
     result.plot = save_figure(fig, plot_path)
     result.notes.append(
         "Macro-F1 averages over the intents present in the held-out truth or the predictions "
-        "(`app.ml.evaluation.build_report`). The held-out part is small (one real row per intent plus a few "
+        "(`app.ml.eval.run.build_report`). The held-out part is small (one real row per intent plus a few "
         "synthetic ones), so one row moves accuracy by several points; the adapter's budget is a few minutes "
         "of CPU, far from a full fine-tune. The adapter reads each dialogue cut to its training "
         "`max_input_length` (as the API serves it); the baseline reads the whole dialogue.")

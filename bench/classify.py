@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.data.formats import Record
-from app.ml.generation import DEFAULT_MAX_NEW_TOKENS
-from app.ml.prompt import LabelSet
+from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS
+from app.domain.prompt import LabelSet
 from bench.report import SectionResult, Table, bar_group, new_figure, percentile, ratio, save_figure
 
 MODES = ("generate", "score")
@@ -89,8 +89,8 @@ class RequestWork:
 
 def request_work(tokenizer, system_prompt: str, label_set: LabelSet, texts: list[str], generated: list[str],
                  max_input_length: int | None) -> RequestWork:
-    from app.ml.chat_data import shared_prefix_ids
-    from app.ml.scoring import LabelCandidates, render_prompt_ids
+    from app.ml.text.encoding import shared_prefix_ids
+    from app.ml.infer.scoring import LabelCandidates, render_prompt_ids
 
     prefix = len(shared_prefix_ids(tokenizer, system_prompt))
     prompts = [len(render_prompt_ids(tokenizer, system_prompt, t, max_input_length)) for t in texts]
@@ -236,7 +236,7 @@ def run_classify_section(base_model_name: str, base_model_dir: Path, records: li
                   ylabel="texts / s", title="/classify throughput")
         result.plot = save_figure(fig, plot_path)
     if gen.latencies_ms:
-        from app.ml.loading import load_tokenizer
+        from app.ml.models.loading import load_tokenizer
 
         max_input_length = adapter.max_input_length if adapter is not None else None
         work = request_work(load_tokenizer(base_model_dir), adapter.system_prompt if adapter else
@@ -269,7 +269,7 @@ def run_classify_section(base_model_name: str, base_model_dir: Path, records: li
 
 
 def _zero_shot_prompt(label_set: LabelSet) -> str:
-    from app.ml.prompt import build_system_prompt
+    from app.domain.prompt import build_system_prompt
 
     return build_system_prompt(label_set)
 

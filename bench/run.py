@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
 
     from app.core.config import Settings, get_settings
-    from app.data.cmcc34 import CMCC34_LABEL_SET
-    from app.ml.base_models import resolve_base_model
-    from app.ml.prompt import build_system_prompt, format_answer
+    from app.domain.cmcc34 import CMCC34_LABEL_SET
+    from app.ml.models.registry import resolve_base_model
+    from app.domain.prompt import build_system_prompt, format_answer
     from bench.data import CMCC_FILES, read_rows, stratified_split, token_sources
     from bench.env import describe_environment
     from bench.report import SectionResult
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, SectionResult] = {}
 
     if "tokens" in args.sections:
-        from app.ml.loading import load_tokenizer
+        from app.ml.models.loading import load_tokenizer
         from bench.tokens import run_tokens_section
 
         log("[tokens] counting")
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
     training = None
     if "accuracy" in args.sections:
-        from app.ml.training_config import resolve_training_config
+        from app.ml.train.config import resolve_training_config
         from bench.accuracy import run_accuracy_section
 
-        from app.ml.chat_data import shared_prefix_ids
-        from app.ml.loading import load_tokenizer
+        from app.ml.text.encoding import shared_prefix_ids
+        from app.ml.models.loading import load_tokenizer
 
         recipe = "tiny_test" if model_name == TINY else "cpu_small"
         # The recipe as `make demo` trains it, save for checkpoints (none needed), a log line per step and,

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.ml.chat_data import assistant_turn, encode_prompt, encode_sample, shared_prefix_ids
-from app.ml.prompt import LabelSet, build_system_prompt, format_answer, format_user_turn
+from app.ml.text.encoding import assistant_turn, encode_prompt, encode_sample, shared_prefix_ids
+from app.domain.prompt import LabelSet, build_system_prompt, format_answer, format_user_turn
 from bench.data import NamedRows
 from bench.report import SectionResult, Table, bar_group, new_figure, percentile, save_figure
 

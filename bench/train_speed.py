@@ -7,8 +7,8 @@ CMCC system prompt as is + one dialogue + its answer each). A step is forward + 
 AdamW step, timed after the warm-up steps. Separate processes keep one path's allocator state
 from hiding the other's peak memory (see ``bench.memory``).
 
-The losses are ``app.ml.shared_prefix.naive_loss`` (every sample runs its whole sequence; what
-``app.ml.training`` falls back to) and ``shared_prefix_loss`` (the prefix runs once per batch):
+The losses are ``app.ml.train.shared_prefix.naive_loss`` (every sample runs its whole sequence; what
+``app.ml.train.trainer`` falls back to) and ``shared_prefix_loss`` (the prefix runs once per batch):
 the two code paths ``train_adapter`` chooses between.
 """
 
@@ -101,7 +101,7 @@ class PathRun:
 def _build_model(choice: ModelChoice, device: str | None):
     import torch
 
-    from app.ml.loading import load_base_model, load_tokenizer, resolve_device
+    from app.ml.models.loading import load_base_model, load_tokenizer, resolve_device
 
     if choice.kind == "pretrained":
         loaded = load_base_model(Path(choice.model_dir), quantization="none", compute_dtype="float32",
@@ -135,8 +135,8 @@ def run_path(choice: ModelChoice, path: str, batches: list[list[tuple[str, str]]
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from app.ml.chat_data import ChatCollator, assistant_turn, encode_sample, shared_prefix_ids
-    from app.ml.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
+    from app.ml.text.encoding import ChatCollator, assistant_turn, encode_sample, shared_prefix_ids
+    from app.ml.train.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
     from bench.memory import PeakMemoryMeter
 
     run = PathRun(model=choice.label, path=path, ok=False, checkpointing=choice.checkpointing)
@@ -323,7 +323,7 @@ def run_train_section(choices: list[ModelChoice], pairs: list[tuple[str, str]], 
             f"the same loss), then warm-up + measured optimizer steps run on the same batches of {BATCH_SIZE} real "
             "samples (the system prompt as is + one dialogue + its answer each). A step is forward + backward + "
             "AdamW step. The two losses are the two code paths `train_adapter` chooses between: "
-            "`app.ml.shared_prefix.naive_loss` (every sample runs its whole sequence) and `shared_prefix_loss` "
+            "`app.ml.train.shared_prefix.naive_loss` (every sample runs its whole sequence) and `shared_prefix_loss` "
             "(the prefix runs once per batch, its keys/values expanded over the batch).",
             f"System prompt: the CMCC-34 prompt as is, **{any_run.prefix_tokens} tokens** of shared prefix; "
             f"suffix (user turn + answer) {any_run.mean_suffix_tokens:.0f} tokens on average over the batches used. "

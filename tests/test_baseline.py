@@ -8,7 +8,7 @@ import pytest
 
 from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
-from app.ml.baseline import fit_baseline, normalise_dialogue, predict, predict_ids
+from app.ml.eval.baseline import fit_baseline, normalise_dialogue, predict, predict_ids
 
 N_LABELS = 34
 

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.core.db import session_scope
-from app.data.cmcc34 import CMCC34_LABEL_SET
-from app.ml.prompt import build_system_prompt
+from app.domain.cmcc34 import CMCC34_LABEL_SET
+from app.domain.prompt import build_system_prompt
 from app.models import FineTunedModel
 from tests.ml.conftest import make_random_lora_adapter
 
@@ -17,7 +17,7 @@ TEXTS = ["您好请讲[SEP]我要开通流量包", "您好[SEP]这个月怎么�
 
 @pytest.fixture
 def two_adapters(client, settings):
-    from app.ml.base_models import resolve_base_model
+    from app.ml.models.registry import resolve_base_model
 
     base_dir = resolve_base_model("tiny-glm4", settings)
     ids = []

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 from app.core.db import session_scope
-from app.data.cmcc34 import CMCC34_LABEL_SET
-from app.ml.prompt import build_system_prompt
+from app.domain.cmcc34 import CMCC34_LABEL_SET
+from app.domain.prompt import build_system_prompt
 from app.models import FineTunedModel
 from tests.conftest import upload
 from tests.ml.conftest import make_random_lora_adapter
@@ -22,7 +22,7 @@ def _cli(settings, *args, stdin: str | None = None) -> subprocess.CompletedProce
 
 
 def test_cli_classify_and_evaluate(client, settings, sample_csv):
-    from app.ml.base_models import resolve_base_model
+    from app.ml.models.registry import resolve_base_model
 
     adapter = make_random_lora_adapter(resolve_base_model("tiny-glm4", settings), settings.data_dir / "adapter", 5)
     with session_scope(settings) as session:

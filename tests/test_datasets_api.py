@@ -7,8 +7,8 @@ import json
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.data.cmcc34 import CMCC34_LABELS
-from app.ml.prompt import build_system_prompt, format_answer
+from app.domain.cmcc34 import CMCC34_LABELS
+from app.domain.prompt import build_system_prompt, format_answer
 from tests.conftest import upload
 
 
@@ -60,7 +60,7 @@ def _chat_line(messages) -> str:
 
 
 def test_jsonl_three_message_and_legacy_two_message(client):
-    system = build_system_prompt(__import__("app.data.cmcc34", fromlist=["x"]).CMCC34_LABEL_SET)
+    system = build_system_prompt(__import__("app.domain.cmcc34", fromlist=["x"]).CMCC34_LABEL_SET)
     new_lines = [
         _chat_line([{"role": "system", "content": system}, {"role": "user", "content": f"对话：{text}"},
                     {"role": "assistant", "content": format_answer(i, CMCC34_LABELS[i])}])

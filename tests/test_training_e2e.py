@@ -134,9 +134,9 @@ def test_4bit_qlora_job_on_cpu_through_the_api(client, settings):
 
 def _legacy_jsonl(per_label: int, labels: int) -> bytes:
     """The old upstream format: instruction template pasted into each user message, 2 messages."""
-    from app.data.cmcc34 import CMCC34_LABELS
+    from app.domain.cmcc34 import CMCC34_LABELS
     from app.data.sample import generate_sample_dialogues
-    from app.ml.prompt import format_answer
+    from app.domain.prompt import format_answer
 
     template = "你是客服意图识别专家。分析对话内容，判断用户最终意图。\n输出格式：意图：[选择最合适的意图]\n\n对话："
     lines = [json.dumps({"messages": [{"role": "user", "content": template + row.dialogue},
@@ -192,7 +192,7 @@ def test_cancel_a_running_job_keeps_its_checkpoint(client, settings):
 
 
 def test_worker_killed_mid_job_resumes_from_checkpoint(client, settings):
-    from app.ml.training import checkpoint_step, latest_checkpoint
+    from app.ml.train.trainer import checkpoint_step, latest_checkpoint
 
     train_id, _ = _datasets(client)
     max_steps, save_steps = 60, 10

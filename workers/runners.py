@@ -9,7 +9,7 @@ from typing import Callable
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.ml.training_config import TrainingConfig
+from app.ml.train.config import TrainingConfig
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import reports as report_service
@@ -55,7 +55,7 @@ def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool])
 
 
 def _resolve_base_model(settings: Settings, name: str, job_id: str):
-    from app.ml.base_models import BaseModelError, resolve_base_model
+    from app.ml.models.registry import BaseModelError, resolve_base_model
 
     _event(settings, job_id, "base_model", f"resolving base model '{name}' (prepared once, then cached)")
     try:
@@ -65,7 +65,7 @@ def _resolve_base_model(settings: Settings, name: str, job_id: str):
 
 
 def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> JobOutcome:
-    from app.ml.training import TrainingHooks, train_adapter
+    from app.ml.train.trainer import TrainingHooks, train_adapter
 
     with session_scope(settings) as session:
         dataset = dataset_service.get_dataset(session, job.dataset_id)
@@ -118,8 +118,8 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> Jo
 
 def run_evaluation(settings: Settings, *, job_id: str, model: str, dataset_id: str, mode: str,
                    should_stop: Callable[[], bool]) -> str:
-    from app.ml.classifier import ClassifierRegistry
-    from app.ml.evaluation import evaluate_records, write_report
+    from app.ml.infer.classifier import ClassifierRegistry
+    from app.ml.eval.run import evaluate_records, write_report
     from app.services.models import resolve_model_ref
 
     global _classifiers

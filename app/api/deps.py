@@ -52,7 +52,7 @@ def get_registry(request: Request):
     state = request.app.state
     with _registry_lock:
         if getattr(state, "classifiers", None) is None:
-            from app.ml.classifier import ClassifierRegistry
+            from app.ml.infer.classifier import ClassifierRegistry
 
             settings = state.settings
             state.classifiers = ClassifierRegistry(max_adapters=settings.adapter_cache_size, device=settings.device)

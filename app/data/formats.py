@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from app.ml.prompt import LabelSet, extract_dialogue, parse_answer
+from app.domain.prompt import LabelSet, extract_dialogue, parse_answer
 
 
 class DatasetFormatError(ValueError):

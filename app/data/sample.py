@@ -13,7 +13,7 @@ import io
 import random
 from dataclasses import dataclass
 
-from app.data.cmcc34 import CMCC34_GROUPS, CMCC34_LABELS
+from app.domain.cmcc34 import CMCC34_GROUPS, CMCC34_LABELS
 
 SERVICES = ["流量包", "来电显示", "彩铃", "国际漫游", "宽带", "副卡", "视频会员", "5G套餐", "家庭网", "积分兑换"]
 AMOUNTS = ["十块", "二十八", "五十", "一百", "三十八", "五十八", "一百二十八"]

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.data.formats import DatasetFormatError, ParsedDataset, Record, parse_dataset
-from app.ml.prompt import LabelSet, build_system_prompt
+from app.domain.prompt import LabelSet, build_system_prompt
 from app.models import Dataset, Job, new_id
 from app.services import token_stats
 from app.services.errors import ConflictError, PayloadTooLargeError, UnprocessableError

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.ml.training_config import available_configs, resolve_training_config
+from app.ml.train.config import available_configs, resolve_training_config
 from app.models import JOB_TERMINAL, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
 from app.services.errors import ConflictError, UnprocessableError
@@ -97,7 +97,7 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
 
 
 def _check_base_model(name: str, settings: Settings) -> None:
-    from app.ml.base_models import BaseModelError, get_spec
+    from app.ml.models.registry import BaseModelError, get_spec
 
     try:
         get_spec(name, settings)

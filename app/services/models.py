@@ -1,4 +1,4 @@
-"""Model registry: base models (app.ml.base_models) and fine-tuned adapters (database rows)."""
+"""Model registry: base models (app.ml.models.registry) and fine-tuned adapters (database rows)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.data.cmcc34 import CMCC34_LABEL_SET
-from app.ml.prompt import LabelSet, build_system_prompt
+from app.domain.cmcc34 import CMCC34_LABEL_SET
+from app.domain.prompt import LabelSet, build_system_prompt
 from app.models import FineTunedModel
 from app.services.errors import NotFoundError, UnprocessableError
 from app.services.rows import get_row
@@ -25,15 +25,15 @@ def get_adapter(session: Session, model_id: str) -> FineTunedModel:
 
 
 def list_base_models(settings: Settings) -> list[dict]:
-    from app.ml.base_models import list_base_models as registry_listing
+    from app.ml.models.registry import list_base_models as registry_listing
 
     return registry_listing(settings)
 
 
 def resolve_model_ref(session: Session, settings: Settings, model: str, *, labels: list | None = None):
     """A ModelRef for a fine-tuned adapter id or, for zero-shot, a base model name."""
-    from app.ml.base_models import BaseModelError, get_spec, resolve_base_model
-    from app.ml.classifier import ModelRef
+    from app.ml.models.registry import BaseModelError, get_spec, resolve_base_model
+    from app.ml.infer.classifier import ModelRef
 
     adapter = session.get(FineTunedModel, model)
     try:

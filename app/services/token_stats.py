@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app.core.config import Settings
 from app.data.formats import Record
-from app.ml.prompt import LabelSet, format_answer, format_user_turn
+from app.domain.prompt import LabelSet, format_answer, format_user_turn
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _tokenizer(path: str):
 def _default_tokenizer(settings: Settings):
     """The default base model's tokenizer if it is already prepared; never prepares or downloads."""
     try:
-        from app.ml.base_models import resolve_base_model
+        from app.ml.models.registry import resolve_base_model
 
         path = resolve_base_model(settings.default_base_model, settings, prepare=False)
         tokenizer = _tokenizer(str(Path(path)))

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A saved tiny Glm4ForCausalLM + GLM-4-style tokenizer (app.ml.tiny); read-only for tests."""
-    from app.ml.tiny import ensure_tiny_model
+    """A saved tiny Glm4ForCausalLM + GLM-4-style tokenizer (app.ml.models.tiny); read-only for tests."""
+    from app.ml.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny-glm4"))
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from app.core.config import Settings
-from app.ml import base_models
-from app.ml.base_models import (
+from app.ml.models import registry as base_models
+from app.ml.models.registry import (
     PREPARED_MARKER,
     BaseModelError,
     BaseModelSpec,
@@ -31,7 +31,7 @@ from app.ml.base_models import (
     prepare_cli,
     resolve_base_model,
 )
-from app.ml.gguf_convert import GgufConversionError, convert_gguf_to_transformers
+from app.ml.models.gguf import GgufConversionError, convert_gguf_to_transformers
 
 QWEN_STYLE_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -55,7 +55,7 @@ def write_tiny_qwen2_gguf(path: Path, chat_template: str | None = QWEN_STYLE_TEM
     import gguf
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from app.ml.tiny import build_tiny_tokenizer
+    from app.ml.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens(
@@ -455,7 +455,7 @@ def test_missing_packages_say_how_to_install_them(settings, monkeypatch):
 
 
 def test_gemma_fallback_chat_template_folds_the_system_turn_into_the_first_user_turn():
-    from app.ml.tiny import build_tiny_tokenizer
+    from app.ml.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.bos_token = "<sop>"  # any token: the template starts with the tokenizer's BOS

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.data.cmcc34 import CMCC34_LABEL_SET
+from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.data.sample import generate_sample_dialogues
-from app.ml.chat_data import (
+from app.ml.text.encoding import (
     IGNORE_INDEX,
     ChatCollator,
     assistant_turn,
@@ -26,7 +26,7 @@ from app.ml.chat_data import (
     encode_sample,
     shared_prefix_ids,
 )
-from app.ml.prompt import build_messages, build_system_prompt, format_answer
+from app.domain.prompt import build_messages, build_system_prompt, format_answer
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
 REAL_ROWS = Path(__file__).resolve().parents[3] / "shared" / "data" / "cmcc34" / "train_new_5shot.csv"
@@ -47,7 +47,7 @@ def glm_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def chatml_tokenizer():
-    from app.ml.tiny import build_tiny_tokenizer
+    from app.ml.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

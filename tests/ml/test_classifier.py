@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from app.ml.classifier import ClassifierRegistry, IntentClassifier, ModelRef, Prediction
-from app.ml.generation import generate_answers
-from app.ml.prompt import LabelSet, build_system_prompt, format_answer, parse_answer
-from app.ml.scoring import LabelScorer, answer_continuation_ids, label_distribution, render_prompt_ids
+from app.ml.infer.classifier import ClassifierRegistry, IntentClassifier, ModelRef, Prediction
+from app.ml.infer.generation import generate_answers
+from app.domain.prompt import LabelSet, build_system_prompt, format_answer, parse_answer
+from app.ml.infer.scoring import LabelScorer, answer_continuation_ids, label_distribution, render_prompt_ids
 from tests.ml.conftest import make_random_lora_adapter
 
 LABELS = LabelSet.from_pairs(
@@ -31,7 +31,7 @@ def expected_probs(base_dir, adapter_dir, texts=TEXTS, system_prompt=SYSTEM_PROM
     """Independent path: a fresh base wrapped by peft.PeftModel (not the registry's load_adapter)."""
     from peft import PeftModel
 
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     loaded = load_base_model(base_dir, quantization="none", device="cpu")
     model = loaded.model if adapter_dir is None else PeftModel.from_pretrained(loaded.model, str(adapter_dir)).eval()
@@ -213,7 +213,7 @@ def test_unparseable_generations_are_returned_not_dropped(tiny_model_dir):
 def test_batched_generation_equals_one_at_a_time(tiny_model_dir, adapters):
     from peft import PeftModel
 
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
     model = PeftModel.from_pretrained(loaded.model, str(adapters["a"])).eval()

@@ -9,8 +9,8 @@ from PIL import Image
 
 from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
-from app.ml.evaluation import build_report, evaluate_records, write_report
-from app.ml.prompt import LabelSet, build_system_prompt
+from app.ml.eval.run import build_report, evaluate_records, write_report
+from app.domain.prompt import LabelSet, build_system_prompt
 
 LABELS = LabelSet.from_pairs([(0, "咨询（含查询）业务规定"), (1, "办理取消"), (2, "咨询（含查询）业务资费"), (3, "办理开通"), (4, "办理缴费")])
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2, 3, 3]
@@ -115,8 +115,8 @@ def test_write_report_files(report, tmp_path):
 
 @pytest.fixture(scope="module")
 def zero_shot(tiny_model_dir):
-    from app.data.cmcc34 import CMCC34_LABEL_SET
-    from app.ml.classifier import ClassifierRegistry, ModelRef
+    from app.domain.cmcc34 import CMCC34_LABEL_SET
+    from app.ml.infer.classifier import ClassifierRegistry, ModelRef
 
     ref = ModelRef("zero", "1", tiny_model_dir, None, build_system_prompt(CMCC34_LABEL_SET), CMCC34_LABEL_SET,
                    quantization="none")

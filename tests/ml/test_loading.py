@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.ml.loading import (
+from app.ml.models.loading import (
     ensure_pad_token,
     load_base_model,
     resolve_compute_dtype,

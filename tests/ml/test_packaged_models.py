@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from app.core.config import Settings
-from app.ml.base_models import PREPARED_MARKER, QWEN_DEFAULT, list_base_models, resolve_base_model
+from app.ml.models.registry import PREPARED_MARKER, QWEN_DEFAULT, list_base_models, resolve_base_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -70,8 +70,8 @@ def test_qwen_prepares_once_into_a_verified_bf16_folder(qwen):
 
 
 def test_qwen_chat_template_renders_system_user_assistant(loaded):
-    from app.data.cmcc34 import CMCC34_LABEL_SET
-    from app.ml.prompt import build_messages, build_system_prompt, format_answer
+    from app.domain.cmcc34 import CMCC34_LABEL_SET
+    from app.domain.prompt import build_messages, build_system_prompt, format_answer
 
     tokenizer, _ = loaded
     label = next(iter(CMCC34_LABEL_SET))

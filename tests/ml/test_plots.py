@@ -7,8 +7,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from app.data.cmcc34 import CMCC34_LABEL_SET
-from app.ml import plots
+from app.domain.cmcc34 import CMCC34_LABEL_SET
+from app.ml.eval import plots
 
 
 def _matrix(n):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.data.cmcc34 import CMCC34_LABEL_SET
+from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.data.sample import generate_sample_dialogues
-from app.ml.chat_data import shared_prefix_ids
-from app.ml.prompt import LabelSet, build_system_prompt, format_answer
-from app.ml.scoring import (
+from app.ml.text.encoding import shared_prefix_ids
+from app.domain.prompt import LabelSet, build_system_prompt, format_answer
+from app.ml.infer.scoring import (
     LabelCandidates,
     LabelScorer,
     PrefixCache,
@@ -38,7 +38,7 @@ REF_COLUMNS = [0, 1, 7, 8, 15, 20, 29, 33]
 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
     return loaded.model, loaded.tokenizer
@@ -49,7 +49,7 @@ def adapted(tiny_model_dir, tmp_path_factory):
     """The tiny model with a random LoRA adapter, as served: a peft model in eval mode."""
     from peft import PeftModel
 
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     adapter = make_random_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=1)
     loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
@@ -114,7 +114,7 @@ def test_rows_label_pass_equals_reference(base, base_reference):
 
 def test_packed_label_pass_with_eager_attention_equals_reference(tiny_model_dir, base_reference):
     """eager attention adds the mask to the scores: the packed pass must build an additive mask for it."""
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu", attn_implementation="eager")
     scorer = LabelScorer(loaded.model, loaded.tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)
@@ -160,7 +160,7 @@ def test_full_strategy_equals_reference(base, base_reference):
 
 def test_4bit_base_cached_scores_equal_full_sequence_scores(tiny_model_dir):
     """QLoRA serving: the prefix cache and packed pass hold on a bitsandbytes NF4 base too."""
-    from app.ml.loading import bitsandbytes_available, load_base_model
+    from app.ml.models.loading import bitsandbytes_available, load_base_model
 
     if not bitsandbytes_available(torch.device("cpu")):
         pytest.skip("bitsandbytes cannot run 4-bit on this CPU")
@@ -264,7 +264,7 @@ def test_distribution_is_a_softmax_over_labels(base):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_scores_equal_cpu_reference(tiny_model_dir, base_reference):
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     loaded = load_base_model(tiny_model_dir, quantization="none", compute_dtype="float32", device="cuda")
     scorer = LabelScorer(loaded.model, loaded.tokenizer, SYSTEM_PROMPT, CMCC34_LABEL_SET)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from app.data.cmcc34 import CMCC34_LABEL_SET
+from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.data.sample import generate_sample_dialogues
-from app.ml.chat_data import ChatCollator, encode_dataset
-from app.ml.loading import load_base_model
-from app.ml.prompt import build_system_prompt, format_answer
-from app.ml.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
+from app.ml.text.encoding import ChatCollator, encode_dataset
+from app.ml.models.loading import load_base_model
+from app.domain.prompt import build_system_prompt, format_answer
+from app.ml.train.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

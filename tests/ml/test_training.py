@@ -10,18 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.data.cmcc34 import CMCC34_LABEL_SET
+from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
-from app.ml.prompt import build_system_prompt
-from app.ml.training import (
+from app.domain.prompt import build_system_prompt
+from app.ml.train.trainer import (
     METADATA_FILENAME,
     TrainingHooks,
     latest_checkpoint,
     save_adapter,
     train_adapter,
 )
-from app.ml.training_config import resolve_training_config
+from app.ml.train.config import resolve_training_config
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
 
@@ -125,7 +125,7 @@ def test_adapter_directory_holds_weights_tokenizer_and_metadata(full_run):
 def test_trained_adapter_changes_the_model(tiny_model_dir, full_run):
     from peft import PeftModel
 
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     result, _, _ = full_run
     ids = torch.randint(0, 1000, (1, 20))
@@ -139,7 +139,7 @@ def test_trained_adapter_changes_the_model(tiny_model_dir, full_run):
 def test_saved_adapter_reloads_with_identical_logits(tiny_model_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from app.ml.loading import load_base_model
+    from app.ml.models.loading import load_base_model
 
     loaded = load_base_model(tiny_model_dir, quantization="none")
     model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

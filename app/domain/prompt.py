@@ -5,7 +5,7 @@ the task, the input format, the judgement criteria, the numbered label list and 
 format ``意图：{id}：{label}``. Each sample then only adds the user turn ``对话：{dialogue}``
 and the assistant answer. Because the system prompt is byte-identical for every sample of a
 model, its tokens form a shared prefix that training and serving compute once
-(see ``app.ml.shared_prefix`` and ``app.ml.scoring``).
+(see ``app.ml.train.shared_prefix`` and ``app.ml.infer.scoring``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ class TrainingConfig(BaseModel):
 
     # Quantisation: "4bit" = NF4 + double quant (QLoRA); "none" = LoRA on a full-precision base;
     # "auto" = 4bit on CUDA; none on CPU, where 4-bit measured no faster and noticeably worse on a
-    # GGUF-sourced base (see app.ml.loading).
+    # GGUF-sourced base (see app.ml.models.loading).
     quantization: Literal["auto", "4bit", "none"] = "auto"
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
@@ -43,7 +43,7 @@ class TrainingConfig(BaseModel):
     save_steps: int = Field(500, ge=1)
     logging_steps: int = Field(50, ge=1)
     gradient_checkpointing: bool = True
-    # Run the system-prompt prefix once per batch and expand its keys/values (app.ml.shared_prefix).
+    # Run the system-prompt prefix once per batch and expand its keys/values (app.ml.train.shared_prefix).
     shared_prefix: bool = True
     seed: int = 42
 

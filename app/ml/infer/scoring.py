@@ -49,9 +49,9 @@ from typing import Literal
 
 import torch
 
-from app.ml.chat_data import assistant_turn, common_prefix_length, completion_ids, encode_prompt, shared_prefix_ids
-from app.ml.shared_prefix import has_sliding_attention, unwrap_causal_lm
-from app.ml.prompt import LabelSet, format_answer
+from app.ml.text.encoding import assistant_turn, common_prefix_length, completion_ids, encode_prompt, shared_prefix_ids
+from app.ml.train.shared_prefix import has_sliding_attention, unwrap_causal_lm
+from app.domain.prompt import LabelSet, format_answer
 
 Strategy = Literal["prefix_cache", "full"]
 LabelPass = Literal["auto", "packed", "rows"]
@@ -62,7 +62,7 @@ _CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
 UNLIMITED_INPUT = 1 << 30
 
 
-# --- encoding: exactly as training encodes (app.ml.chat_data) --------------------------------
+# --- encoding: exactly as training encodes (app.ml.text.encoding) --------------------------------
 
 
 def render_prompt_ids(tokenizer, system_prompt: str, dialogue: str, max_input_length: int | None = None) -> list[int]:

@@ -178,7 +178,7 @@ def load_base_model(
       weights, fp32 norms/embeddings for stable training) and CPU weight repacking is disabled;
       full-precision bases are frozen. ``gradient_checkpointing`` then turns on non-reentrant
       activation checkpointing (non-reentrant keeps the shared-prefix keys/values differentiable,
-      see ``app.ml.shared_prefix``). Inference (``for_training=False``) gets an eval-mode model;
+      see ``app.ml.train.shared_prefix``). Inference (``for_training=False``) gets an eval-mode model;
       load LoRA adapters on top with ``peft.PeftModel.from_pretrained(loaded.model, adapter_dir)``.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -1,7 +1,7 @@
 """Turn (dialogue, answer) samples into token ids with the base model's own chat template.
 
 Every sample of a model is ``[system prompt, user "对话：{dialogue}", assistant answer]``
-(``app.ml.prompt.build_messages``). Training teaches the model to answer exactly as it will be
+(``app.domain.prompt.build_messages``). Training teaches the model to answer exactly as it will be
 prompted at serving time, so both sides encode the prompt the same way: the chat template
 rendered with the generation prompt, tokenised as one string (``encode_prompt``), identical to
 ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``. The target is what the
@@ -11,7 +11,7 @@ end-of-turn marker (Qwen: ``<|im_end|>``) or eos when the template writes none (
 with ``<|endoftext|>``/``<|user|>``). Only those tokens carry labels.
 
 Because the system prompt is byte-identical for every sample, the prompt ids of all samples
-start with the same tokens (``shared_prefix_ids``); ``app.ml.shared_prefix`` computes them once
+start with the same tokens (``shared_prefix_ids``); ``app.ml.train.shared_prefix`` computes them once
 per batch. ``ChatCollator`` builds batches for both the naive and the shared-prefix path.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.ml.prompt import build_messages
+from app.domain.prompt import build_messages
 
 IGNORE_INDEX = -100
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.data.formats import Record
-from app.ml.prompt import LabelSet
+from app.domain.prompt import LabelSet
 
 MOST_CONFUSED = 10
 
@@ -210,7 +210,7 @@ def write_report(report: dict, report_dir: Path, label_set: LabelSet | None = No
     ``detailed_analysis.json`` (per-class, confused pairs, confusion matrix) and
     ``confusion_matrix.png``. The label set for the plot is taken from ``per_class`` unless given.
     """
-    from app.ml.plots import plot_confusion_matrix
+    from app.ml.eval.plots import plot_confusion_matrix
 
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)

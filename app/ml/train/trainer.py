@@ -1,10 +1,10 @@
 """The training job: LoRA/QLoRA fine-tuning of a base model on (dialogue, intent) records.
 
 ``train_adapter`` is everything a worker calls: load the base (4-bit where it pays, see
-``app.ml.loading``), encode the records with the model's chat template (``app.ml.chat_data``),
+``app.ml.models.loading``), encode the records with the model's chat template (``app.ml.text.encoding``),
 attach LoRA, and train with the Hugging Face ``Trainer``, which brings checkpoints (adapter,
 optimizer, scheduler, RNG state) and exact resumption for free. The loss is computed by
-``app.ml.shared_prefix``: the system prompt runs once per batch when the model supports it, the
+``app.ml.train.shared_prefix``: the system prompt runs once per batch when the model supports it, the
 ordinary full batch otherwise; both compute logits only where there is a label.
 
 A job is a directory: ``checkpoints/checkpoint-N`` while it runs (a restarted worker resumes
@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# app.ml.loading first: it silences a bitsandbytes log line emitted when transformers imports it.
-from app.ml.loading import LoadedModel, load_base_model  # isort: skip
+# app.ml.models.loading first: it silences a bitsandbytes log line emitted when transformers imports it.
+from app.ml.models.loading import LoadedModel, load_base_model  # isort: skip
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from app.data.formats import Record
-from app.ml.chat_data import ChatCollator, EncodedDataset, encode_dataset
-from app.ml.prompt import LabelSet, format_answer
-from app.ml.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
-from app.ml.training_config import TrainingConfig
+from app.ml.text.encoding import ChatCollator, EncodedDataset, encode_dataset
+from app.domain.prompt import LabelSet, format_answer
+from app.ml.train.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
+from app.ml.train.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def save_adapter(model, tokenizer, adapter_dir: Path, *, metadata: dict) -> None
 def _write_loss_curve(history: list[dict], path: Path, hooks: TrainingHooks) -> None:
     """Plot the loss curve; a missing or failing plotter never fails a finished training."""
     try:
-        from app.ml.plots import plot_loss_curve
+        from app.ml.eval.plots import plot_loss_curve
     except ImportError as exc:
         hooks.on_event("warning", f"loss curve not written: {exc}", {})
         return

@@ -1,7 +1,7 @@
 """Free greedy generation with the full prompt: the upstream method, kept as the baseline (``mode="generate"``).
 
 Every request renders the whole conversation (system prompt included) and decodes greedily; no
-cache is shared between requests. The answer is parsed with ``app.ml.prompt.parse_answer``. An
+cache is shared between requests. The answer is parsed with ``app.domain.prompt.parse_answer``. An
 answer that does not parse to a label of the set is returned as such (``label_id`` None, the raw
 text kept) so evaluations count it as a failure instead of dropping it.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.ml.prompt import LabelSet, parse_answer
-from app.ml.scoring import render_prompt_ids
+from app.domain.prompt import LabelSet, parse_answer
+from app.ml.infer.scoring import render_prompt_ids
 
 DEFAULT_MAX_NEW_TOKENS = 32
 

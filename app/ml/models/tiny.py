@@ -26,9 +26,9 @@ _BUILD_MARKER = "intent_tuner_tiny.json"
 
 def _training_corpus() -> list[str]:
     """Text the tokenizer learns merges from: the CMCC prompt and call-centre vocabulary."""
-    from app.data.cmcc34 import CMCC34_LABEL_SET
+    from app.domain.cmcc34 import CMCC34_LABEL_SET
     from app.data.sample import generate_sample_dialogues
-    from app.ml.prompt import build_system_prompt, format_answer
+    from app.domain.prompt import build_system_prompt, format_answer
 
     corpus = [build_system_prompt(CMCC34_LABEL_SET)]
     corpus += [format_answer(lab.id, lab.name) for lab in CMCC34_LABEL_SET]

@@ -4,8 +4,8 @@
   prompt and label set it was trained with, and a ``version`` that changes whenever the adapter is
   retrained or replaced.
 - ``IntentClassifier`` classifies texts with one ref, by label scoring (``mode="score"``, default:
-  ``app.ml.scoring``, prefix computed once) or by free generation (``mode="generate"``: the upstream
-  baseline, ``app.ml.generation``).
+  ``app.ml.infer.scoring``, prefix computed once) or by free generation (``mode="generate"``: the upstream
+  baseline, ``app.ml.infer.generation``).
 - ``ClassifierRegistry`` keeps classifiers ready: each base model is loaded once and every adapter
   on it is a named peft adapter of that one model (``load_adapter`` / ``set_adapter`` /
   ``delete_adapter``), least recently used ones evicted beyond ``max_adapters``. A lock per base
@@ -28,9 +28,9 @@ from typing import Literal
 
 import torch
 
-from app.ml.generation import DEFAULT_MAX_NEW_TOKENS, generate_answers
-from app.ml.prompt import LabelSet
-from app.ml.scoring import LabelScorer, label_distribution
+from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS, generate_answers
+from app.domain.prompt import LabelSet
+from app.ml.infer.scoring import LabelScorer, label_distribution
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class ClassifierRegistry:
         in_use = {entry.base_key for entry in self._entries.values()}
         for other in [k for k in self._bases if k not in in_use]:
             self._unload_base(other)
-        from app.ml.loading import load_base_model
+        from app.ml.models.loading import load_base_model
 
         log.info("loading base model %s (quantization %s)", ref.base_model_dir, ref.quantization)
         loaded = load_base_model(ref.base_model_dir, quantization=ref.quantization, device=self.device)

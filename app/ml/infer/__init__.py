@@ -1,0 +1,1 @@
+"""Inference: KV prefix, label scoring, generation, classifier registry, backends."""

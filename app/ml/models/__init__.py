@@ -1,0 +1,1 @@
+"""Base models: registry, offline preparation (GGUF -> transformers), loading, introspection."""

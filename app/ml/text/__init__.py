@@ -1,0 +1,1 @@
+"""The train/serve text-encoding contract: chat template, shared prefix ids, padding."""

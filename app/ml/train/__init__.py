@@ -1,0 +1,1 @@
+"""Training: recipe config, collator, shared-prefix loss, callbacks, the trainer."""
