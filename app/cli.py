@@ -14,9 +14,37 @@ from app.core.db import run_migrations, session_scope
 
 
 def _prepare(args) -> int:
-    from app.ml.models.registry import prepare_cli
+    """Prepare a base model once: progress on stderr, its folder on stdout."""
+    import time
 
-    return prepare_cli(args.name, get_settings())
+    from app.ml.models.registry import BaseModelError, resolve_base_model
+
+    settings = get_settings()
+    name = args.name or settings.default_base_model
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    try:
+        path = resolve_base_model(name, settings, progress=progress)
+    except BaseModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    progress(f"{name} ready")
+    print(path)
+    return 0
+
+
+def _models(_args) -> int:
+    """List the base models this machine knows: * marks the default."""
+    from app.ml.models.registry import list_base_models
+
+    for row in list_base_models(get_settings()):
+        state = "prepared" if row["prepared"] else ("available" if row["available"] else "not available")
+        mark = "*" if row["default"] else " "
+        print(f"{mark} {row['name']:<28} {row['source']:<10} {state:<14} {row.get('path', '')}")
+    return 0
 
 
 def _classify(args) -> int:
@@ -68,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="prepare a base model once (join, verify, convert, cache)")
     prep.add_argument("name", nargs="?", default=None, help="registry name (default: the embedded default)")
     prep.set_defaults(func=_prepare)
+
+    sub.add_parser("models", help="list the base models and whether each is prepared or can be").set_defaults(func=_models)
 
     cls = sub.add_parser("classify", help="classify dialogues (arguments, or one per line on stdin)")
     cls.add_argument("--model", required=True, help="fine-tuned model id or base model name")

@@ -4,7 +4,7 @@ Both are trained on the same training rows (``bench.data.stratified_split``). Th
 trained with ``app.ml.train.trainer.train_adapter`` (shared prefix on) from the project's CPU recipe
 with a step budget, and evaluated with label scoring (``app.ml.eval.run.evaluate_records``,
 ``mode="score"``); the baseline is ``app.ml.eval.baseline``. Metrics come from the same
-``app.ml.eval.run.build_report`` for both.
+``app.ml.eval.metrics.build_report`` for both.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class AccuracyRun:
 
 def evaluate_baseline(split: Split, label_set: LabelSet) -> AccuracyRun:
     from app.ml.eval.baseline import fit_baseline, predict
-    from app.ml.eval.run import build_report
+    from app.ml.eval.metrics import build_report
 
     began = time.perf_counter()
     model = fit_baseline(split.train)
@@ -157,7 +157,7 @@ def run_accuracy_section(split: Split | None, label_set: LabelSet, system_prompt
     result.plot = save_figure(fig, plot_path)
     result.notes.append(
         "Macro-F1 averages over the intents present in the held-out truth or the predictions "
-        "(`app.ml.eval.run.build_report`). The held-out part is small (one real row per intent plus a few "
+        "(`app.ml.eval.metrics.build_report`). The held-out part is small (one real row per intent plus a few "
         "synthetic ones), so one row moves accuracy by several points; the adapter's budget is a few minutes "
         "of CPU, far from a full fine-tune. The adapter reads each dialogue cut to its training "
         "`max_input_length` (as the API serves it); the baseline reads the whole dialogue.")

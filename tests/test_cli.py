@@ -15,8 +15,8 @@ from tests.conftest import upload
 from tests.ml.conftest import make_random_lora_adapter
 
 
-def _cli(settings, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATA_DIR": str(settings.data_dir)}
+def _cli(settings, *args, stdin: str | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA_DIR": str(settings.data_dir), **env_vars}
     return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, input=stdin, capture_output=True,
                           text=True, timeout=600)
 
@@ -49,3 +49,22 @@ def test_cli_classify_and_evaluate(client, settings, sample_csv):
     assert job["status"] == "succeeded" and job["report_id"] == summary["report_id"]
     kinds = [e["kind"] for e in client.get(f"/jobs/{job['id']}/events").json()]
     assert kinds[:2] == ["queued", "started"] and kinds[-1] == "succeeded"
+
+
+def test_cli_prepare_model_prints_the_path_or_the_error(settings):
+    prepared = _cli(settings, "prepare-model", DEFAULT_BASE_MODEL="tiny-glm4")
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout.strip() == str(settings.base_models_dir.resolve() / "tiny-glm4")
+    assert "tiny-glm4 ready" in prepared.stderr
+
+    missing = _cli(settings, "prepare-model", "no-such-model")
+    assert missing.returncode == 1
+    assert missing.stdout == "" and "unknown base model 'no-such-model'" in missing.stderr
+
+
+def test_cli_models_lists_the_registry_with_the_default_marked(settings):
+    listed = _cli(settings, "models", DEFAULT_BASE_MODEL="tiny-glm4")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line[2:].split()[0]: line for line in listed.stdout.splitlines()}
+    assert rows["tiny-glm4"].startswith("* ") and "glm-4-9b-0414" in rows
+    assert all(not line.startswith("* ") for name, line in rows.items() if name != "tiny-glm4")

@@ -119,7 +119,8 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> Jo
 def run_evaluation(settings: Settings, *, job_id: str, model: str, dataset_id: str, mode: str,
                    should_stop: Callable[[], bool]) -> str:
     from app.ml.infer.classifier import ClassifierRegistry
-    from app.ml.eval.run import evaluate_records, write_report
+    from app.ml.eval.files import write_report
+    from app.ml.eval.run import evaluate_records
     from app.services.models import resolve_model_ref
 
     global _classifiers

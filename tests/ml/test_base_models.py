@@ -28,7 +28,6 @@ from app.ml.models.registry import (
     get_spec,
     list_base_models,
     parse_extra_base_models,
-    prepare_cli,
     resolve_base_model,
 )
 from app.ml.models.gguf import GgufConversionError, convert_gguf_to_transformers
@@ -530,19 +529,3 @@ def test_converter_supplies_a_missing_chat_template_and_stop_tokens(tiny_gguf_wi
     with pytest.raises(GgufConversionError, match="not all in the vocabulary"):
         convert_gguf_to_transformers(tiny_gguf_without_template, tmp_path / "bad", extra_eos_tokens=("<nope>",))
     assert not (tmp_path / "bad").exists()
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def test_prepare_cli_prints_the_path_or_the_error(tmp_path, capsys):
-    settings = Settings(data_dir=tmp_path / "data", default_base_model="tiny-glm4")
-
-    assert prepare_cli(None, settings) == 0
-    out, err = capsys.readouterr()
-    assert out.strip() == str(settings.base_models_dir.resolve() / "tiny-glm4")
-    assert "tiny-glm4 ready" in err
-
-    assert prepare_cli("no-such-model", settings) == 1
-    out, err = capsys.readouterr()
-    assert out == "" and "unknown base model 'no-such-model'" in err

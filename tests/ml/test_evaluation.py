@@ -9,7 +9,9 @@ from PIL import Image
 
 from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
-from app.ml.eval.run import build_report, evaluate_records, write_report
+from app.ml.eval.files import write_report
+from app.ml.eval.metrics import build_report
+from app.ml.eval.run import evaluate_records
 from app.domain.prompt import LabelSet, build_system_prompt
 
 LABELS = LabelSet.from_pairs([(0, "咨询（含查询）业务规定"), (1, "办理取消"), (2, "咨询（含查询）业务资费"), (3, "办理开通"), (4, "办理缴费")])

@@ -49,9 +49,9 @@ from typing import Literal
 
 import torch
 
-from app.ml.text.encoding import assistant_turn, common_prefix_length, completion_ids, encode_prompt, shared_prefix_ids
-from app.ml.train.shared_prefix import has_sliding_attention, unwrap_causal_lm
 from app.domain.prompt import LabelSet, format_answer
+from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
+from app.ml.text.encoding import assistant_turn, common_prefix_length, completion_ids, encode_prompt, shared_prefix_ids
 
 Strategy = Literal["prefix_cache", "full"]
 LabelPass = Literal["auto", "packed", "rows"]

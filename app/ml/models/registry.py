@@ -21,14 +21,12 @@ and a crash never leaves a half-written model that later looks usable.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +40,6 @@ from app.ml.models.tiny import ensure_tiny_model
 ProgressCallback = Callable[[str], None]
 
 PREPARED_MARKER = "intent_tuner_base_model.json"
-SOURCES = ("packaged", "generated", "local", "hub")
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
@@ -524,50 +521,3 @@ def _build_from_hub(spec: BaseModelSpec, download_dir: Path, out: Path, report: 
     shutil.rmtree(download_dir / ".cache", ignore_errors=True)
     os.rename(download_dir, out)
     return {"hub_id": spec.hub_id}
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-def prepare_cli(name: str | None, settings) -> int:
-    """Prepare ``name`` (default: ``settings.default_base_model``): progress on stderr, path on stdout."""
-    name = name or settings.default_base_model
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-    try:
-        path = resolve_base_model(name, settings, progress=progress)
-    except BaseModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    progress(f"{name} ready")
-    print(path)
-    return 0
-
-
-def list_cli(settings) -> int:
-    for row in list_base_models(settings):
-        state = "prepared" if row["prepared"] else ("available" if row["available"] else "not available")
-        mark = "*" if row["default"] else " "
-        print(f"{mark} {row['name']:<28} {row['source']:<10} {state:<14} {row.get('path', '')}")
-    return 0
-
-
-def prepare_main(argv: list[str] | None = None) -> int:
-    """``python -m app.ml.models.registry [NAME] [--list]``."""
-    from app.core.config import get_settings
-
-    parser = argparse.ArgumentParser(prog="prepare-model", description="Prepare a base model folder once.")
-    parser.add_argument("name", nargs="?", help="base model name (default: settings.default_base_model)")
-    parser.add_argument("--list", action="store_true", help="list known base models and exit")
-    args = parser.parse_args(argv)
-    settings = get_settings()
-    if args.list:
-        return list_cli(settings)
-    return prepare_cli(args.name, settings)
-
-
-if __name__ == "__main__":
-    raise SystemExit(prepare_main())

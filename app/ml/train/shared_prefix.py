@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
 from app.ml.text.encoding import IGNORE_INDEX
 
 # Architectures whose causal-LM head is exactly ``lm_head(final hidden state)`` (no logit
@@ -93,12 +94,6 @@ class _PrefixLayer(DynamicLayer):
         return self.prefix_keys.shape[-2]
 
 
-def unwrap_causal_lm(model):
-    """The transformers causal LM inside a PeftModel (LoRA layers are injected in place)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _uses_prompt_learning(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
@@ -126,17 +121,6 @@ def _reentrant_checkpointing(layers) -> bool:
             if keywords.get("use_reentrant", True):
                 return True
     return False
-
-
-def has_sliding_attention(config) -> bool:
-    """Whether some layer attends through a sliding window (a prefix cache would then see a different mask).
-
-    A ``sliding_window`` without ``use_sliding_window`` counts as used (Mistral has no such switch).
-    """
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return True
-    layer_types = getattr(config, "layer_types", None)
-    return bool(layer_types) and any(t != "full_attention" for t in layer_types)
 
 
 def supports_shared_prefix(model) -> bool:

@@ -1,0 +1,40 @@
+"""A report's files: the metrics and its lists as JSON, the confusion matrix as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.domain.prompt import LabelSet
+
+
+_DETAIL_KEYS = ("per_class", "most_confused_pairs", "confusion_matrix", "confusion_labels")
+_LIST_KEYS = ("failed_predictions", "wrong_predictions")
+
+
+def write_report(report: dict, report_dir: Path, label_set: LabelSet | None = None) -> dict[str, Path]:
+    """Write the report's files into ``report_dir``; returns {name: path}.
+
+    ``results.json`` (the metrics), ``failed_predictions.json``, ``error_predictions.json``,
+    ``detailed_analysis.json`` (per-class, confused pairs, confusion matrix) and
+    ``confusion_matrix.png``. The label set for the plot is taken from ``per_class`` unless given.
+    """
+    from app.ml.eval.plots import plot_confusion_matrix
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in report.items() if k not in _DETAIL_KEYS and k not in _LIST_KEYS}
+    files = {
+        "results": (report_dir / "results.json", metrics),
+        "failed_predictions": (report_dir / "failed_predictions.json", report["failed_predictions"]),
+        "error_predictions": (report_dir / "error_predictions.json", report["wrong_predictions"]),
+        "detailed_analysis": (report_dir / "detailed_analysis.json", {k: report[k] for k in _DETAIL_KEYS}),
+    }
+    written: dict[str, Path] = {}
+    for name, (path, payload) in files.items():
+        path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
+        written[name] = path
+    if label_set is None:
+        label_set = LabelSet.from_pairs([(c["intent_id"], c["label"]) for c in report["per_class"]])
+    written["confusion_matrix"] = plot_confusion_matrix(report["confusion_matrix"], label_set, report_dir / "confusion_matrix.png")
+    return written
