@@ -14,6 +14,7 @@ import torch
 
 from app.domain.prompt import LabelSet, parse_answer
 from app.ml.infer.scoring import render_prompt_ids
+from app.ml.text.encoding import pad_rows
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -35,17 +36,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generation continues every row at its end, so rows are padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def generate_answers(
@@ -75,7 +65,7 @@ def generate_answers(
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
             prompts = [render_prompt_ids(tokenizer, system_prompt, t, max_input_length) for t in batch]
-            ids, mask = _left_pad(prompts, pad_id, device)
+            ids, mask = pad_rows(prompts, pad_id, side="left", device=device)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row in output[:, ids.shape[1]:].tolist():
                 new = _strip_after_stop(row, set(config.eos_token_id))

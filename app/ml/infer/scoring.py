@@ -51,7 +51,14 @@ import torch
 
 from app.domain.prompt import LabelSet, format_answer
 from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
-from app.ml.text.encoding import assistant_turn, common_prefix_length, completion_ids, encode_prompt, shared_prefix_ids
+from app.ml.text.encoding import (
+    assistant_turn,
+    common_prefix_length,
+    completion_ids,
+    encode_prompt,
+    pad_rows,
+    shared_prefix_ids,
+)
 
 Strategy = Literal["prefix_cache", "full"]
 LabelPass = Literal["auto", "packed", "rows"]
@@ -227,16 +234,6 @@ class PrefixCache:
 # --- scoring ----------------------------------------------------------------------------------
 
 
-def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 class LabelScorer:
     """Scores a label set for texts under one model whose adapter state does not change.
 
@@ -341,7 +338,7 @@ class LabelScorer:
 
         # Context pass: per-text suffix + the tokens all answers share, right-padded.
         suffixes = [ids[plen:] + list(cands.shared_ids) for ids in prompts]
-        suffix_ids, suffix_mask = _right_pad(suffixes, self.pad_id, device)
+        suffix_ids, suffix_mask = pad_rows(suffixes, self.pad_id, device=device)
         batch = len(prompts)
         cache = prefix.expanded(batch) if prefix is not None else _new_cache(self.model)
         ctx_mask = torch.cat([torch.ones((batch, plen), dtype=torch.long, device=device), suffix_mask], dim=1)
@@ -434,7 +431,7 @@ class LabelScorer:
             text_rows = torch.tensor([b for b, _ in chunk], device=device)
             label_inputs = [list(cands.remaining[j][:-1]) for _, j in chunk]
             label_targets = [list(cands.remaining[j][1:]) for _, j in chunk]
-            in_ids, in_mask = _right_pad(label_inputs, self.pad_id, device)
+            in_ids, in_mask = pad_rows(label_inputs, self.pad_id, device=device)
             hidden = head.decoder(
                 input_ids=in_ids,
                 attention_mask=torch.cat([ctx_mask[text_rows], in_mask], dim=1),
@@ -443,7 +440,7 @@ class LabelScorer:
                 use_cache=True,
             ).last_hidden_state
             valid = in_mask.bool()
-            tgt, _ = _right_pad(label_targets, 0, device)
+            tgt, _ = pad_rows(label_targets, 0, device=device)
             logp = head.log_probs_at(hidden[valid], tgt[valid], self.logit_chunk)
             row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(valid)[valid]
             sums = torch.zeros(len(chunk), device=device).index_add_(0, row_of, logp)
@@ -463,7 +460,7 @@ class LabelScorer:
         for start in range(0, len(pairs), per_chunk):
             chunk = pairs[start : start + per_chunk]
             seqs = [prompts[b] + answers[j] for b, j in chunk]
-            ids, mask = _right_pad(seqs, self.pad_id, device)
+            ids, mask = pad_rows(seqs, self.pad_id, device=device)
             hidden = head.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             for k, (b, j) in enumerate(chunk):
                 p, a = len(prompts[b]), answers[j]

@@ -286,12 +286,23 @@ class ChatCollator:
         }
 
     def _pad(self, id_lists, label_lists):
-        length = max(len(x) for x in id_lists)
-        ids = torch.full((len(id_lists), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(id_lists), length), dtype=torch.long)
-        labels = torch.full((len(id_lists), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (x, y) in enumerate(zip(id_lists, label_lists)):
-            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
-            labels[row, : len(y)] = torch.tensor(y, dtype=torch.long)
+        ids, mask = pad_rows(id_lists, self.pad_token_id)
+        labels, _ = pad_rows(label_lists, IGNORE_INDEX)
         return ids, mask, labels
+
+
+def pad_rows(rows: list[list[int]], pad_value: int, *, side: str = "right",
+             device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids as one [B, width] tensor and its attention mask.
+
+    Training and scoring read each row from its start (right padding); generation continues every
+    row at its end, so it pads on the left.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
