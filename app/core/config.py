@@ -29,11 +29,16 @@ class Settings(BaseSettings):
     adapter_cache_size: int = 2
     worker_poll_seconds: float = 1.0
     worker_heartbeat_seconds: float = 5.0
-    # A running job whose heartbeat is older than this is considered orphaned.
+    # A running job whose heartbeat is older than this is considered orphaned, and a worker not seen for
+    # this long is not live (GET /health/ready).
     worker_stale_seconds: float = 60.0
     # How many times a job orphaned by a dead worker is resumed before it is failed.
     max_job_attempts: int = 3
     device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
+    # `make serve` (app.serve): how many worker processes it starts and restarts when one dies.
+    serve_workers: int = Field(default=1, ge=0, description="0: the API only (workers run elsewhere).")
+    worker_restart_min_seconds: float = Field(default=1.0, gt=0, description="First wait before a restart.")
+    worker_restart_max_seconds: float = Field(default=60.0, gt=0, description="The wait doubles up to this.")
 
     @property
     def sqlalchemy_url(self) -> str:
