@@ -20,7 +20,12 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="When set, every endpoint but /health and /docs needs it.")
     max_upload_bytes: int = 50 * 1024 * 1024
     default_base_model: str = "qwen2.5-coder-0.5b-instruct"
-    default_config: str = "cmcc34_qlora_system_prompt"
+    default_config: str | None = Field(
+        default=None, description="Recipe for jobs that name none; unset: cmcc34_qlora_system_prompt with a GPU, "
+                                  "cpu_small without one. Set it where the API runs apart from a GPU worker.")
+    # Limits a training job must stay within, checked at POST /jobs (a job past them would hold a worker for days).
+    max_train_steps: int = Field(default=100_000, ge=1, description="Most optimizer steps one job may run.")
+    max_train_epochs: float = Field(default=100.0, gt=0, description="Most epochs one job may run.")
     # Base-model directories not in the built-in registry: "name=path,name2=path2".
     extra_base_models: str = ""
     base_models_dir_override: Path | None = Field(

@@ -8,19 +8,21 @@ no job stays ``running`` forever.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.ml.training_config import available_configs, resolve_training_config
-from app.models import JOB_TERMINAL, FineTunedModel, Job, JobEvent, new_id, utcnow
+from app.ml.training_config import TrainingConfig, available_configs, default_config_name, resolve_training_config
+from app.models import JOB_TERMINAL, Dataset, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
-from app.services.errors import ConflictError, UnprocessableError
+from app.services.errors import ConflictError, NotFoundError, UnprocessableError
 from app.services.rows import get_row
 
 
@@ -46,7 +48,7 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         if clash:
             raise UnprocessableError(f"label ids {clash} have other names in the validation dataset",
                                      field="validation_dataset_id")
-    config_name = config or settings.default_config
+    config_name = config or default_config_name(settings)
     if config_name not in available_configs():
         raise UnprocessableError(f"unknown config '{config_name}'; available: {available_configs()}", field="config")
     try:
@@ -55,19 +57,58 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         first = exc.errors()[0]
         field = ".".join(str(p) for p in ("hyperparameters", *first["loc"]))
         raise UnprocessableError(f"{first['msg']}", field=field) from None
+    _check_limits(training_config, dataset.n_rows, settings)
     base = base_model or recipe_base_model or settings.default_base_model
-    _check_base_model(base, settings)
+    _check_base_model(base, settings, from_config=None if base_model else config_name)
+    _check_target_modules(base, training_config, settings)
     job = Job(
         id=new_id("job"), kind="train", status="queued", dataset_id=dataset.id,
         validation_dataset_id=validation_dataset_id, base_model=base, config_name=config_name,
         hyperparameters=training_config.model_dump(), progress={},
     )
+    message = (f"training job queued on dataset {dataset.id} ({dataset.n_rows} rows, "
+               f"{len(label_set_of(dataset))} labels), base model {base}, config {config_name}")
+    return _insert_job(session, job, message)
+
+
+def _insert_job(session: Session, job: Job, message: str, *, started_by: str | None = None) -> Job:
+    """Insert ``job`` and its first event(s). Its datasets may be deleted by a concurrent request between
+    our look-up and this insert: the foreign key refuses the row, and the caller gets the 404 it would
+    have got a moment later, not a 500."""
     session.add(job)
-    session.flush()
-    add_event(session, job.id, "queued", f"training job queued on dataset {dataset.id} ({dataset.n_rows} rows, "
-              f"{len(label_set_of(dataset))} labels), base model {base}, config {config_name}")
-    session.commit()
+    try:
+        session.flush()
+        add_event(session, job.id, "queued", message)
+        if started_by:
+            add_event(session, job.id, "started", f"run in-process by {started_by}")
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        for dataset_id in (job.dataset_id, job.validation_dataset_id):
+            if dataset_id and session.get(Dataset, dataset_id) is None:
+                raise NotFoundError(f"dataset '{dataset_id}' not found (deleted while the job was being created)") \
+                    from None
+        raise ConflictError("the job could not be stored: a row it refers to changed meanwhile; try again") from None
     return job
+
+
+def _check_limits(config: TrainingConfig, n_rows: int, settings: Settings) -> None:
+    """Steps and epochs within MAX_TRAIN_STEPS / MAX_TRAIN_EPOCHS (a job past them would hold a worker for days)."""
+    if config.max_steps > settings.max_train_steps:
+        raise UnprocessableError(f"max_steps {config.max_steps} is over the limit of {settings.max_train_steps} "
+                                 "(MAX_TRAIN_STEPS)", field="hyperparameters.max_steps")
+    if config.num_train_epochs > settings.max_train_epochs:  # also with max_steps: the Trainer still reads it
+        raise UnprocessableError(f"num_train_epochs {config.num_train_epochs} is over the limit of "
+                                 f"{settings.max_train_epochs} (MAX_TRAIN_EPOCHS)", field="hyperparameters.num_train_epochs")
+    if config.max_steps > 0:
+        return
+    per_epoch = math.ceil(n_rows / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
+    steps = math.ceil(per_epoch * config.num_train_epochs)
+    if steps > settings.max_train_steps:
+        raise UnprocessableError(
+            f"num_train_epochs {config.num_train_epochs} on {n_rows} rows is {steps} steps, over the limit of "
+            f"{settings.max_train_steps} (MAX_TRAIN_STEPS); set fewer epochs or max_steps",
+            field="hyperparameters.num_train_epochs")
 
 
 def create_evaluation_job(session: Session, settings: Settings, *, model: str, dataset_id: str, mode: str,
@@ -87,22 +128,46 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
     if claimed_by:
         now = utcnow()
         job.status, job.worker_id, job.heartbeat_at, job.started_at, job.attempts = "running", claimed_by, now, now, 1
-    session.add(job)
-    session.flush()
-    add_event(session, job.id, "queued", f"evaluation of '{model}' on dataset {dataset.id} queued ({mode})")
-    if claimed_by:
-        add_event(session, job.id, "started", f"run in-process by {claimed_by}")
-    session.commit()
-    return job
+    return _insert_job(session, job, f"evaluation of '{model}' on dataset {dataset.id} queued ({mode})",
+                       started_by=claimed_by)
 
 
-def _check_base_model(name: str, settings: Settings) -> None:
-    from app.ml.base_models import BaseModelError, get_spec
+def _check_base_model(name: str, settings: Settings, *, from_config: str | None) -> None:
+    """Refuse a job whose base model cannot be had on this machine, saying what to install or set."""
+    from app.ml.base_models import BaseModelError, check_available
 
     try:
-        get_spec(name, settings)
+        check_available(name, settings)
     except BaseModelError as exc:
-        raise UnprocessableError(str(exc), field="base_model") from None
+        origin = f" (the base model of config '{from_config}'; choose another config or base_model)" \
+            if from_config else ""
+        raise UnprocessableError(f"{exc}{origin}", field="base_model") from None
+
+
+def _check_target_modules(base: str, config: TrainingConfig, settings: Settings) -> None:
+    """LoRA targets the base model lacks are refused here when its module names are known without loading
+    it (a prepared folder's safetensors headers, else a registered architecture); otherwise the worker
+    checks them before training."""
+    from app.ml.base_models import get_spec, prepared_path
+    from app.ml.target_modules import (
+        KNOWN_MATRIX_MODULES,
+        describe,
+        matrix_module_names,
+        unknown_for_architecture,
+        unknown_target_modules,
+    )
+
+    architecture = get_spec(base, settings).architecture
+    folder = prepared_path(base, settings)
+    names = matrix_module_names(folder) if folder is not None else None
+    if names is not None:
+        unknown, known = unknown_target_modules(config.target_modules, names), describe(names)
+    else:
+        unknown = unknown_for_architecture(config.target_modules, architecture)
+        known = describe(KNOWN_MATRIX_MODULES.get(architecture, frozenset()))
+    if unknown:
+        raise UnprocessableError(f"target_modules {unknown} are not modules of base model '{base}' "
+                                 f"({architecture}); it has: {known}", field="hyperparameters.target_modules")
 
 
 def list_jobs(session: Session, status: str | None = None, limit: int = 100) -> list[Job]:
