@@ -23,9 +23,9 @@ log = logging.getLogger("intent_tuner.worker")
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, settings: Settings, job_id: str, worker_id: str):
+    def __init__(self, settings: Settings, job_id: str, worker_id: str, *, announce: bool = True):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.settings, self.job_id, self.worker_id = settings, job_id, worker_id
+        self.settings, self.job_id, self.worker_id, self.announce = settings, job_id, worker_id, announce
         self.cancel_requested = threading.Event()
         self._stop = threading.Event()
 
@@ -33,7 +33,8 @@ class Heartbeat(threading.Thread):
         while not self._stop.is_set():
             try:
                 with session_scope(self.settings) as session:
-                    worker_registry.touch_worker(session, self.worker_id, self.job_id)
+                    if self.announce:
+                        worker_registry.touch_worker(session, self.worker_id, self.job_id)
                     if job_service.heartbeat(session, self.job_id, self.worker_id):
                         self.cancel_requested.set()
             except Exception:  # a busy database must not kill the job; the next beat retries
@@ -49,6 +50,7 @@ class Worker:
         self.settings = settings
         self.worker_id = job_service.worker_identity()
         self._shutdown = threading.Event()
+        self._polling = False  # True in run_forever: only a polling worker counts as live in /health
 
     def request_shutdown(self, *_args) -> None:
         log.info("shutdown requested; finishing the current step")
@@ -58,6 +60,7 @@ class Worker:
         run_migrations(self.settings)
         log.info("worker %s polling %s", self.worker_id, self.settings.sqlalchemy_url)
         done = 0
+        self._polling = True
         try:
             while not self._shutdown.is_set():
                 if max_jobs is not None and done >= max_jobs:
@@ -75,12 +78,13 @@ class Worker:
                 self.run_one(job.id)
                 done += 1
         finally:
+            self._polling = False
             with session_scope(self.settings) as session:
                 worker_registry.forget_worker(session, self.worker_id)
         return done
 
     def run_one(self, job_id: str) -> None:
-        heartbeat = Heartbeat(self.settings, job_id, self.worker_id)
+        heartbeat = Heartbeat(self.settings, job_id, self.worker_id, announce=self._polling)
         heartbeat.start()
         should_stop = lambda: heartbeat.cancel_requested.is_set() or self._shutdown.is_set()  # noqa: E731
         try:

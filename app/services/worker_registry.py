@@ -27,7 +27,10 @@ def touch_worker(session: Session, worker_id: str, current_job_id: str | None = 
     if not updated:
         session.add(WorkerRow(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now,
                               last_seen_at=now, current_job_id=current_job_id))
-        session.execute(delete(WorkerRow).where(WorkerRow.last_seen_at < now - FORGET_AFTER))
+        gone = [row.id for row in session.scalars(select(WorkerRow).where(WorkerRow.id != worker_id))
+                if pid_dead_here(row.id) or as_utc(row.last_seen_at) < now - FORGET_AFTER]
+        if gone:  # workers of this host that died (their jobs are recovered by heartbeat/pid) or long silent
+            session.execute(delete(WorkerRow).where(WorkerRow.id.in_(gone)))
     session.commit()
 
 

@@ -159,3 +159,23 @@ def test_a_worker_marks_itself_alive_while_polling_and_leaves_when_stopped(setti
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_a_job_run_in_process_does_not_count_as_a_live_worker(client, settings):
+    """`intent-tuner evaluate` runs its job in-process; it takes no queued job, so /health must not list it."""
+    from app.models import WorkerRow
+    from app.services import jobs as job_service
+    from tests.conftest import upload
+    from app.data.sample import generate_sample_dialogues, to_cmcc_csv
+    from workers.worker import Worker
+
+    dataset = upload(client, to_cmcc_csv(generate_sample_dialogues(1, seed=3, labels=[0, 1])).encode()).json()["id"]
+    worker = Worker(settings)
+    with session_scope(settings) as session:
+        job_id = job_service.create_evaluation_job(session, settings, model="tiny-glm4", dataset_id=dataset,
+                                                   mode="score", claimed_by=worker.worker_id).id
+    worker.run_one(job_id)
+    assert client.get(f"/evaluations/{job_id}").json()["status"] == "succeeded"
+    with session_scope(settings) as session:
+        assert session.query(WorkerRow).count() == 0
+    assert client.get("/health/ready").status_code == 503
