@@ -41,7 +41,7 @@ test-slow: $(VENV)/.models
 demo: $(VENV)/.models
 	DATA_DIR=$(DATA_DIR) $(PY) -m app.demo
 
-serve: $(VENV)/.installed
+serve: $(VENV)/.models
 	DATA_DIR=$(DATA_DIR) PORT=$(PORT) $(PY) -m app.serve
 
 bench: $(VENV)/.models

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -83,6 +83,8 @@ class FineTunedModel(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     base_model: Mapped[str] = mapped_column(String(200))
+    # One model per training job: a job run again after its worker died registers nothing new.
+    __table_args__ = (UniqueConstraint("job_id", name="uq_models_job_id"),)
     job_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("jobs.id"))
     dataset_id: Mapped[str | None] = mapped_column(String(40))
     adapter_path: Mapped[str] = mapped_column(String(500))
@@ -99,6 +101,7 @@ class Report(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(200))
     dataset_id: Mapped[str] = mapped_column(String(40))
+    __table_args__ = (UniqueConstraint("job_id", name="uq_reports_job_id"),)  # one report per job
     job_id: Mapped[str | None] = mapped_column(String(40))
     mode: Mapped[str] = mapped_column(String(20))
     path: Mapped[str] = mapped_column(String(500))
@@ -106,5 +109,19 @@ class Report(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class WorkerRow(Base):
+    """A worker process as it last reported itself: liveness is ``last_seen_at``, written on every poll and
+    heartbeat (a worker on another host is judged by it, never by its pid)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:random, as in jobs.worker_id
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    current_job_id: Mapped[str | None] = mapped_column(String(40))
+
+
 JOB_TERMINAL = ("succeeded", "failed", "cancelled")
-__all__ = ["Base", "Dataset", "Job", "JobEvent", "FineTunedModel", "Report", "new_id", "utcnow", "JOB_TERMINAL"]
+__all__ = ["Base", "Dataset", "Job", "JobEvent", "FineTunedModel", "Report", "WorkerRow", "new_id", "utcnow", "JOB_TERMINAL"]

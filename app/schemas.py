@@ -37,7 +37,8 @@ class JobCreate(BaseModel):
     dataset_id: str
     validation_dataset_id: str | None = None
     base_model: str | None = Field(None, description="A base model name from GET /models (default: the config's).")
-    config: str | None = Field(None, description="A recipe in configs/ (default: cmcc34_qlora_system_prompt).")
+    config: str | None = Field(None, description="A recipe in configs/ (default: DEFAULT_CONFIG, else "
+                               "cmcc34_qlora_system_prompt with a GPU and cpu_small without one).")
     hyperparameters: dict[str, Any] | None = Field(
         None, description="Overrides of the recipe's hyperparameters; see TrainingConfig.",
         examples=[{"max_steps": 30, "learning_rate": 0.0004}],

@@ -14,6 +14,7 @@ from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import reports as report_service
 from app.services.errors import ServiceError
+from app.services.models import adapter_model_ref, resolve_model_ref
 
 log = logging.getLogger("intent_tuner.worker")
 _classifiers = None  # one registry per worker process: adapters stay loaded between evaluation jobs
@@ -31,8 +32,10 @@ class JobCancelled(Exception):
 
 @dataclass
 class JobOutcome:
-    model_id: str | None = None
-    report_id: str | None = None
+    """What a job produced, stored only when the job succeeds (app.services.jobs.complete_job)."""
+
+    model: dict | None = None  # register_model's fields
+    report: dict | None = None  # record_report's fields
 
 
 def _event(settings: Settings, job_id: str, kind: str, message: str, data: dict | None = None) -> None:
@@ -48,9 +51,15 @@ def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool])
     if job.kind == "train":
         return run_training(settings, job, should_stop)
     if job.kind == "evaluate":
-        report_id = run_evaluation(settings, job_id=job.id, model=job.target_model_id, dataset_id=job.dataset_id,
-                                   mode=job.params.get("mode", "score"), should_stop=should_stop)
-        return JobOutcome(report_id=report_id)
+        with session_scope(settings) as session:
+            dataset = dataset_service.get_dataset(session, job.dataset_id)
+            try:
+                ref = resolve_model_ref(session, settings, job.target_model_id, labels=dataset.label_set)
+            except ServiceError as exc:
+                raise JobFailure("model_unavailable", exc.message) from None
+        report = run_evaluation(settings, job_id=job.id, ref=ref, model_id=job.target_model_id,
+                                dataset_id=job.dataset_id, mode=job.params.get("mode", "score"), should_stop=should_stop)
+        return JobOutcome(report=report)
     raise JobFailure("unknown_job_kind", f"unknown job kind '{job.kind}'")
 
 
@@ -98,42 +107,41 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> Jo
         raise JobCancelled(f"cancelled at step {result.steps}; checkpoints kept under {job_dir / 'checkpoints'}")
 
     with session_scope(settings) as session:
-        job_row = job_service.get_job(session, job.id)
-        model = job_service.register_model(
-            session, job=job_row, adapter_path=str(result.adapter_dir), label_set=label_set.to_pairs(),
-            system_prompt=system_prompt, quantization=result.quantization,
-            metrics={"final_loss": result.final_loss, "steps": result.steps,
-                     "train_runtime_s": result.train_runtime_s, **result.metrics},
-        )
+        model_id = job_service.planned_model_id(session, job_service.get_job(session, job.id))
         job_service.set_progress(session, job.id, {"step": result.steps})
-    _event(settings, job.id, "model_registered", f"adapter registered as model {model.id}",
-           {"model_id": model.id, "adapter_dir": str(result.adapter_dir)})
-
-    report_id = None
+    model = dict(adapter_path=str(result.adapter_dir), label_set=label_set.to_pairs(), system_prompt=system_prompt,
+                 quantization=result.quantization,
+                 metrics={"final_loss": result.final_loss, "steps": result.steps,
+                          "train_runtime_s": result.train_runtime_s, **result.metrics})
+    report = None
     if job.validation_dataset_id:
-        report_id = run_evaluation(settings, job_id=job.id, model=model.id, dataset_id=job.validation_dataset_id,
-                                   mode="score", should_stop=should_stop)
-    return JobOutcome(model_id=model.id, report_id=report_id)
+        # The model is registered only with the job's success: evaluate the adapter folder itself.
+        from app.ml.models.registry import BaseModelError
+
+        try:
+            ref = adapter_model_ref(settings, model_id=model_id, base_model=job.base_model,
+                                    adapter_dir=result.adapter_dir, system_prompt=system_prompt,
+                                    label_set=label_set.to_pairs())
+        except (BaseModelError, ServiceError) as exc:
+            raise JobFailure("model_unavailable", str(exc)) from None
+        report = run_evaluation(settings, job_id=job.id, ref=ref, model_id=model_id,
+                                dataset_id=job.validation_dataset_id, mode="score", should_stop=should_stop)
+    return JobOutcome(model=model, report=report)
 
 
-def run_evaluation(settings: Settings, *, job_id: str, model: str, dataset_id: str, mode: str,
-                   should_stop: Callable[[], bool]) -> str:
+def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, dataset_id: str, mode: str,
+                   should_stop: Callable[[], bool]) -> dict:
+    """Evaluate ``ref`` on a dataset and write the report's files; returns the report's row fields (the
+    row is stored with the job's success)."""
     from app.ml.infer.classifier import ClassifierRegistry
     from app.ml.eval.files import write_report
     from app.ml.eval.run import evaluate_records
-    from app.services.models import resolve_model_ref
 
     global _classifiers
     if _classifiers is None:
         _classifiers = ClassifierRegistry(max_adapters=settings.adapter_cache_size, device=settings.device)
-    with session_scope(settings) as session:
-        dataset = dataset_service.get_dataset(session, dataset_id)
-        try:
-            ref = resolve_model_ref(session, settings, model, labels=dataset.label_set)
-        except ServiceError as exc:
-            raise JobFailure("model_unavailable", exc.message) from None
     records = dataset_service.load_records(settings, dataset_id)
-    _event(settings, job_id, "evaluation_started", f"evaluating '{model}' on {len(records)} dialogues ({mode})")
+    _event(settings, job_id, "evaluation_started", f"evaluating '{model_id}' on {len(records)} dialogues ({mode})")
     last_write = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -148,10 +156,4 @@ def run_evaluation(settings: Settings, *, job_id: str, model: str, dataset_id: s
     report = evaluate_records(_classifiers.get(ref), records, ref.label_set, mode=mode, progress=progress)
     report_id, report_dir = report_service.new_report_dir(settings)
     write_report(report, report_dir)
-    with session_scope(settings) as session:
-        report_service.record_report(session, report_id=report_id, report_dir=report_dir, report=report,
-                                     model_id=model, dataset_id=dataset_id, job_id=job_id)
-    _event(settings, job_id, "report", f"report {report_id}: accuracy {report['accuracy']:.4f}, "
-           f"macro-F1 {report['macro_f1']:.4f} on {report['n_samples']} dialogues",
-           {"report_id": report_id, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
-    return report_id
+    return dict(report_id=report_id, report_dir=report_dir, report=report, model_id=model_id, dataset_id=dataset_id)

@@ -20,7 +20,12 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="When set, every endpoint but /health and /docs needs it.")
     max_upload_bytes: int = 50 * 1024 * 1024
     default_base_model: str = "qwen2.5-coder-0.5b-instruct"
-    default_config: str = "cmcc34_qlora_system_prompt"
+    default_config: str | None = Field(
+        default=None, description="Recipe for jobs that name none; unset: cmcc34_qlora_system_prompt with a GPU, "
+                                  "cpu_small without one. Set it where the API runs apart from a GPU worker.")
+    # Limits a training job must stay within, checked at POST /jobs (a job past them would hold a worker for days).
+    max_train_steps: int = Field(default=100_000, ge=1, description="Most optimizer steps one job may run.")
+    max_train_epochs: float = Field(default=100.0, gt=0, description="Most epochs one job may run.")
     # Base-model directories not in the built-in registry: "name=path,name2=path2".
     extra_base_models: str = ""
     base_models_dir_override: Path | None = Field(
@@ -29,11 +34,16 @@ class Settings(BaseSettings):
     adapter_cache_size: int = 2
     worker_poll_seconds: float = 1.0
     worker_heartbeat_seconds: float = 5.0
-    # A running job whose heartbeat is older than this is considered orphaned.
+    # A running job whose heartbeat is older than this is considered orphaned, and a worker not seen for
+    # this long is not live (GET /health/ready).
     worker_stale_seconds: float = 60.0
     # How many times a job orphaned by a dead worker is resumed before it is failed.
     max_job_attempts: int = 3
     device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
+    # `make serve` (app.serve): how many worker processes it starts and restarts when one dies.
+    serve_workers: int = Field(default=1, ge=0, description="0: the API only (workers run elsewhere).")
+    worker_restart_min_seconds: float = Field(default=1.0, gt=0, description="First wait before a restart.")
+    worker_restart_max_seconds: float = Field(default=60.0, gt=0, description="The wait doubles up to this.")
 
     @property
     def sqlalchemy_url(self) -> str:

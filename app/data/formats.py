@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from app.domain.prompt import LabelSet, extract_dialogue, parse_answer
 
 
+# Label ids are small integers in practice; bounded so every store and tensor downstream can hold them.
+MAX_LABEL_ID = 2**31 - 1
+
+
 class DatasetFormatError(ValueError):
     """A problem with an uploaded file; ``row`` is 1-based (the header of a CSV is row 1)."""
 
@@ -201,8 +205,15 @@ def _parse_int(value: str, row: int, column: str) -> int:
         number = int(value)
     except ValueError:
         raise DatasetFormatError(f"'{value}' is not an integer label id", row=row, field=column) from None
+    return _check_label_id(number, row, column)
+
+
+def _check_label_id(number: int, row: int, column: str) -> int:
     if number < 0:
         raise DatasetFormatError(f"label id {number} is negative", row=row, field=column)
+    if number > MAX_LABEL_ID:
+        raise DatasetFormatError(f"label id {number} is over the largest accepted id {MAX_LABEL_ID}",
+                                 row=row, field=column)
     return number
 
 
@@ -275,12 +286,17 @@ def _parse_jsonl(text: str) -> ParsedDataset:
     names: dict[int, str] = {}
     records = []
     for line_no, dialogue, answer, _ in items:
-        parsed = parse_answer(answer)
+        try:
+            parsed = parse_answer(answer)
+        except ValueError:  # an id of more digits than int() converts
+            raise DatasetFormatError(f"the label id in '{answer[:60]}' is too long", row=line_no,
+                                     field="messages.assistant") from None
         if parsed.label_id is None:
             raise DatasetFormatError(
                 f"assistant answer '{answer[:60]}' is not in the form 意图：{{id}}：{{label}}",
                 row=line_no, field="messages.assistant",
             )
+        _check_label_id(parsed.label_id, line_no, "messages.assistant")
         name = parsed.label_name or str(parsed.label_id)
         known = names.setdefault(parsed.label_id, name)
         if known != name:

@@ -13,7 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -21,7 +22,7 @@ from app.data.formats import DatasetFormatError, ParsedDataset, Record, parse_da
 from app.domain.prompt import LabelSet, build_system_prompt
 from app.models import Dataset, Job, new_id
 from app.services import token_stats
-from app.services.errors import ConflictError, PayloadTooLargeError, UnprocessableError
+from app.services.errors import ConflictError, NotFoundError, PayloadTooLargeError, UnprocessableError
 from app.services.rows import get_row
 
 RECORDS_FILE = "records.jsonl"
@@ -122,14 +123,21 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset:
 
 
 def delete_dataset(session: Session, settings: Settings, dataset_id: str) -> None:
-    dataset = get_dataset(session, dataset_id)
-    in_use = session.scalar(
-        select(Job.id).where((Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id)).limit(1)
-    )
-    if in_use:
-        raise ConflictError(f"dataset '{dataset_id}' is used by job '{in_use}'; delete is refused")
-    session.delete(dataset)
-    session.commit()
+    """Delete a dataset no job uses. The check and the delete are one statement: a job created meanwhile
+    either is seen (409) or, where the database checks keys only then, fails the delete's key check (409)."""
+    get_dataset(session, dataset_id)
+    users = select(Job.id).where((Job.dataset_id == dataset_id) | (Job.validation_dataset_id == dataset_id))
+    try:
+        deleted = session.execute(delete(Dataset).where(Dataset.id == dataset_id, ~users.exists())).rowcount
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        deleted = 0
+    if not deleted:
+        user = session.scalar(users.limit(1))
+        if user is None:
+            raise NotFoundError(f"dataset '{dataset_id}' not found (deleted by another request)")
+        raise ConflictError(f"dataset '{dataset_id}' is used by job '{user}'; delete is refused")
     shutil.rmtree(settings.datasets_dir / dataset_id, ignore_errors=True)
 
 

@@ -8,23 +8,25 @@ no job stays ``running`` forever.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.ml.train.config import available_configs, resolve_training_config
-from app.models import JOB_TERMINAL, FineTunedModel, Job, JobEvent, new_id, utcnow
+from app.ml.train.config import TrainingConfig, available_configs, default_config_name, resolve_training_config
+from app.models import JOB_TERMINAL, Dataset, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
-from app.services.errors import ConflictError, UnprocessableError
+from app.services.errors import ConflictError, NotFoundError, UnprocessableError
 from app.services.rows import get_row
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)  # SQLite returns naive datetimes
     return value
@@ -46,7 +48,7 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         if clash:
             raise UnprocessableError(f"label ids {clash} have other names in the validation dataset",
                                      field="validation_dataset_id")
-    config_name = config or settings.default_config
+    config_name = config or default_config_name(settings)
     if config_name not in available_configs():
         raise UnprocessableError(f"unknown config '{config_name}'; available: {available_configs()}", field="config")
     try:
@@ -55,19 +57,58 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         first = exc.errors()[0]
         field = ".".join(str(p) for p in ("hyperparameters", *first["loc"]))
         raise UnprocessableError(f"{first['msg']}", field=field) from None
+    _check_limits(training_config, dataset.n_rows, settings)
     base = base_model or recipe_base_model or settings.default_base_model
-    _check_base_model(base, settings)
+    _check_base_model(base, settings, from_config=None if base_model else config_name)
+    _check_target_modules(base, training_config, settings)
     job = Job(
         id=new_id("job"), kind="train", status="queued", dataset_id=dataset.id,
         validation_dataset_id=validation_dataset_id, base_model=base, config_name=config_name,
         hyperparameters=training_config.model_dump(), progress={},
     )
+    message = (f"training job queued on dataset {dataset.id} ({dataset.n_rows} rows, "
+               f"{len(label_set_of(dataset))} labels), base model {base}, config {config_name}")
+    return _insert_job(session, job, message)
+
+
+def _insert_job(session: Session, job: Job, message: str, *, started_by: str | None = None) -> Job:
+    """Insert ``job`` and its first event(s). Its datasets may be deleted by a concurrent request between
+    our look-up and this insert: the foreign key refuses the row, and the caller gets the 404 it would
+    have got a moment later, not a 500."""
     session.add(job)
-    session.flush()
-    add_event(session, job.id, "queued", f"training job queued on dataset {dataset.id} ({dataset.n_rows} rows, "
-              f"{len(label_set_of(dataset))} labels), base model {base}, config {config_name}")
-    session.commit()
+    try:
+        session.flush()
+        add_event(session, job.id, "queued", message)
+        if started_by:
+            add_event(session, job.id, "started", f"run in-process by {started_by}")
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        for dataset_id in (job.dataset_id, job.validation_dataset_id):
+            if dataset_id and session.get(Dataset, dataset_id) is None:
+                raise NotFoundError(f"dataset '{dataset_id}' not found (deleted while the job was being created)") \
+                    from None
+        raise ConflictError("the job could not be stored: a row it refers to changed meanwhile; try again") from None
     return job
+
+
+def _check_limits(config: TrainingConfig, n_rows: int, settings: Settings) -> None:
+    """Steps and epochs within MAX_TRAIN_STEPS / MAX_TRAIN_EPOCHS (a job past them would hold a worker for days)."""
+    if config.max_steps > settings.max_train_steps:
+        raise UnprocessableError(f"max_steps {config.max_steps} is over the limit of {settings.max_train_steps} "
+                                 "(MAX_TRAIN_STEPS)", field="hyperparameters.max_steps")
+    if config.num_train_epochs > settings.max_train_epochs:  # also with max_steps: the Trainer still reads it
+        raise UnprocessableError(f"num_train_epochs {config.num_train_epochs} is over the limit of "
+                                 f"{settings.max_train_epochs} (MAX_TRAIN_EPOCHS)", field="hyperparameters.num_train_epochs")
+    if config.max_steps > 0:
+        return
+    per_epoch = math.ceil(n_rows / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
+    steps = math.ceil(per_epoch * config.num_train_epochs)
+    if steps > settings.max_train_steps:
+        raise UnprocessableError(
+            f"num_train_epochs {config.num_train_epochs} on {n_rows} rows is {steps} steps, over the limit of "
+            f"{settings.max_train_steps} (MAX_TRAIN_STEPS); set fewer epochs or max_steps",
+            field="hyperparameters.num_train_epochs")
 
 
 def create_evaluation_job(session: Session, settings: Settings, *, model: str, dataset_id: str, mode: str,
@@ -87,22 +128,46 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
     if claimed_by:
         now = utcnow()
         job.status, job.worker_id, job.heartbeat_at, job.started_at, job.attempts = "running", claimed_by, now, now, 1
-    session.add(job)
-    session.flush()
-    add_event(session, job.id, "queued", f"evaluation of '{model}' on dataset {dataset.id} queued ({mode})")
-    if claimed_by:
-        add_event(session, job.id, "started", f"run in-process by {claimed_by}")
-    session.commit()
-    return job
+    return _insert_job(session, job, f"evaluation of '{model}' on dataset {dataset.id} queued ({mode})",
+                       started_by=claimed_by)
 
 
-def _check_base_model(name: str, settings: Settings) -> None:
-    from app.ml.models.registry import BaseModelError, get_spec
+def _check_base_model(name: str, settings: Settings, *, from_config: str | None) -> None:
+    """Refuse a job whose base model cannot be had on this machine, saying what to install or set."""
+    from app.ml.models.registry import BaseModelError, check_available
 
     try:
-        get_spec(name, settings)
+        check_available(name, settings)
     except BaseModelError as exc:
-        raise UnprocessableError(str(exc), field="base_model") from None
+        origin = f" (the base model of config '{from_config}'; choose another config or base_model)" \
+            if from_config else ""
+        raise UnprocessableError(f"{exc}{origin}", field="base_model") from None
+
+
+def _check_target_modules(base: str, config: TrainingConfig, settings: Settings) -> None:
+    """LoRA targets the base model lacks are refused here when its module names are known without loading
+    it (a prepared folder's safetensors headers, else a registered architecture); otherwise the worker
+    checks them before training."""
+    from app.ml.models.registry import get_spec, prepared_path
+    from app.ml.models.target_modules import (
+        KNOWN_MATRIX_MODULES,
+        describe,
+        matrix_module_names,
+        unknown_for_architecture,
+        unknown_target_modules,
+    )
+
+    architecture = get_spec(base, settings).architecture
+    folder = prepared_path(base, settings)
+    names = matrix_module_names(folder) if folder is not None else None
+    if names is not None:
+        unknown, known = unknown_target_modules(config.target_modules, names), describe(names)
+    else:
+        unknown = unknown_for_architecture(config.target_modules, architecture)
+        known = describe(KNOWN_MATRIX_MODULES.get(architecture, frozenset()))
+    if unknown:
+        raise UnprocessableError(f"target_modules {unknown} are not modules of base model '{base}' "
+                                 f"({architecture}); it has: {known}", field="hyperparameters.target_modules")
 
 
 def list_jobs(session: Session, status: str | None = None, limit: int = 100) -> list[Job]:
@@ -174,10 +239,14 @@ def claim_next_job(session: Session, worker_id: str) -> Job | None:
 
 
 def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
-    """Record liveness; returns whether cancellation was requested."""
-    session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id).values(heartbeat_at=utcnow()))
+    """Record liveness; returns whether the worker should stop: cancellation was requested, or the job is no
+    longer running for this worker (it was found orphaned and handed to another: it must not run twice)."""
+    ours = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(heartbeat_at=utcnow())
+    ).rowcount
     session.commit()
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return not ours or bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 def set_progress(session: Session, job_id: str, progress: dict) -> None:
@@ -187,27 +256,70 @@ def set_progress(session: Session, job_id: str, progress: dict) -> None:
     session.commit()
 
 
-def finish_job(session: Session, job_id: str, status: str, *, error_code: str | None = None,
-               error_message: str | None = None, model_id: str | None = None, report_id: str | None = None) -> None:
+def _end_job(session: Session, job_id: str, worker_id: str | None, status: str, **values) -> bool:
+    """Set a terminal status; with ``worker_id`` only while the job still runs for that worker (one whose
+    job was found orphaned and handed to another records nothing). Not committed."""
+    query = update(Job).where(Job.id == job_id)
+    if worker_id is not None:
+        query = query.where(Job.worker_id == worker_id, Job.status == "running")
+    return bool(session.execute(query.values(status=status, finished_at=utcnow(), **values)).rowcount)
+
+
+def finish_job(session: Session, job_id: str, status: str, *, worker_id: str | None = None,
+               error_code: str | None = None, error_message: str | None = None) -> bool:
+    """End a job as failed or cancelled (``complete_job`` succeeds one); returns whether it was ended."""
     assert status in JOB_TERMINAL
-    values = dict(status=status, finished_at=utcnow(), error_code=error_code, error_message=error_message)
-    if model_id:
-        values["model_id"] = model_id
-    if report_id:
-        values["report_id"] = report_id
-    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    if not _end_job(session, job_id, worker_id, status, error_code=error_code, error_message=error_message):
+        session.rollback()
+        return False
     message = error_message if status == "failed" else f"job {status}"
     add_event(session, job_id, status, message or status, {"error_code": error_code} if error_code else {})
     session.commit()
+    return True
 
 
-def requeue_job(session: Session, job_id: str, message: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(status="queued", worker_id=None))
-    add_event(session, job_id, "interrupted", message)
+def complete_job(session: Session, job_id: str, worker_id: str | None, *, model: dict | None = None,
+                 report: dict | None = None) -> bool:
+    """Succeed a job and store what it produced in one transaction: the job ends ``succeeded`` with its model
+    and report, or nothing is stored (a failed, cancelled or lost job leaves no model behind).
+
+    ``model``: register_model's fields; ``report``: record_report's (report_id, report_dir, report,
+    model_id, dataset_id)."""
+    job = get_job(session, job_id)
+    model_id = planned_model_id(session, job) if model else None
+    report_id = report["report_id"] if report else None
+    if not _end_job(session, job_id, worker_id, "succeeded", error_code=None, error_message=None,
+                    model_id=model_id, report_id=report_id):
+        session.rollback()
+        return False
+    if model:
+        registered = register_model(session, job=job, **model)
+        add_event(session, job_id, "model_registered", f"adapter registered as model {registered.id}",
+                  {"model_id": registered.id, "adapter_dir": registered.adapter_path})
+    if report:
+        from app.services.reports import record_report
+
+        summary = report["report"]
+        record_report(session, job_id=job_id, **report)
+        add_event(session, job_id, "report", f"report {report_id}: accuracy {summary['accuracy']:.4f}, "
+                  f"macro-F1 {summary['macro_f1']:.4f} on {summary['n_samples']} dialogues",
+                  {"report_id": report_id, "accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]})
+    add_event(session, job_id, "succeeded", "job succeeded")
+    session.commit()
+    return True
+
+
+def requeue_job(session: Session, job_id: str, worker_id: str, message: str) -> None:
+    requeued = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .values(status="queued", worker_id=None)
+    ).rowcount
+    if requeued:
+        add_event(session, job_id, "interrupted", message)
     session.commit()
 
 
-def _pid_dead_here(worker_id: str | None) -> bool:
+def pid_dead_here(worker_id: str | None) -> bool:
     """True when worker_id names a process on this host that no longer exists."""
     if not worker_id or worker_id.count(":") < 2:
         return False
@@ -230,8 +342,8 @@ def recover_orphaned_jobs(session: Session, settings: Settings) -> list[str]:
     stale_before = utcnow() - timedelta(seconds=settings.worker_stale_seconds)
     recovered = []
     for job in session.scalars(select(Job).where(Job.status == "running")):
-        beat = _as_utc(job.heartbeat_at)
-        if not (_pid_dead_here(job.worker_id) or beat is None or beat < stale_before):
+        beat = as_utc(job.heartbeat_at)
+        if not (pid_dead_here(job.worker_id) or beat is None or beat < stale_before):
             continue
         if job.cancel_requested:
             new_status, message = "cancelled", "worker died after a cancel request; job cancelled"
@@ -254,13 +366,24 @@ def recover_orphaned_jobs(session: Session, settings: Settings) -> list[str]:
     return recovered
 
 
+def planned_model_id(session: Session, job: Job) -> str:
+    """The id the model of training job ``job`` has or will have: fixed by the job, so that the report an
+    evaluation writes before registration, and a job run again, name the same model."""
+    existing = session.scalar(select(FineTunedModel.id).where(FineTunedModel.job_id == job.id))
+    return existing or f"ft_{job.id.removeprefix('job_')}"
+
+
 def register_model(session: Session, *, job: Job, adapter_path: str, label_set: list, system_prompt: str,
                    quantization: str, metrics: dict, name: str | None = None) -> FineTunedModel:
+    """The model row of training job ``job``, created once (models.job_id is unique); not committed."""
+    existing = session.scalar(select(FineTunedModel).where(FineTunedModel.job_id == job.id))
+    if existing is not None:
+        return existing
     model = FineTunedModel(
-        id=new_id("ft"), name=name or f"{job.base_model}-{job.dataset_id}", base_model=job.base_model,
-        job_id=job.id, dataset_id=job.dataset_id, adapter_path=adapter_path, label_set=label_set,
-        system_prompt=system_prompt, quantization=quantization, metrics=metrics,
+        id=planned_model_id(session, job), name=name or f"{job.base_model}-{job.dataset_id}",
+        base_model=job.base_model, job_id=job.id, dataset_id=job.dataset_id, adapter_path=adapter_path,
+        label_set=label_set, system_prompt=system_prompt, quantization=quantization, metrics=metrics,
     )
     session.add(model)
-    session.commit()
+    session.flush()
     return model

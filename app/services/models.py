@@ -38,21 +38,9 @@ def resolve_model_ref(session: Session, settings: Settings, model: str, *, label
     adapter = session.get(FineTunedModel, model)
     try:
         if adapter is not None:
-            adapter_dir = Path(adapter.adapter_path)
-            if not adapter_dir.is_dir():
-                raise NotFoundError(f"model '{model}': adapter files are missing at {adapter_dir}")
-            version = f"{adapter.id}:{adapter.created_at.isoformat()}:{_mtime(adapter_dir)}"
-            trained_with = _training_config(adapter_dir)
-            return ModelRef(
-                key=adapter.id, version=version,
-                base_model_dir=resolve_base_model(adapter.base_model, settings),
-                adapter_dir=adapter_dir, system_prompt=adapter.system_prompt,
-                label_set=LabelSet.from_pairs(adapter.label_set),
-                # one base model in memory serves every adapter on it: 4-bit where "auto" picks it
-                quantization="auto",
-                # dialogues are cut at serving exactly as they were in training
-                max_input_length=trained_with.get("max_input_length"),
-            )
+            return adapter_model_ref(settings, model_id=adapter.id, base_model=adapter.base_model,
+                                     adapter_dir=Path(adapter.adapter_path), system_prompt=adapter.system_prompt,
+                                     label_set=adapter.label_set)
         get_spec(model, settings)
         label_set = LabelSet.from_pairs(labels) if labels else CMCC34_LABEL_SET
         base_dir = resolve_base_model(model, settings)
@@ -61,6 +49,29 @@ def resolve_model_ref(session: Session, settings: Settings, model: str, *, label
     except BaseModelError as exc:
         raise UnprocessableError(f"model '{model}' is neither a fine-tuned model id nor a usable base model: {exc}",
                                  field="model") from None
+
+
+def adapter_model_ref(settings: Settings, *, model_id: str, base_model: str, adapter_dir: Path, system_prompt: str,
+                      label_set: list):
+    """A ModelRef for an adapter folder (registered, or just trained and evaluated before it is registered).
+
+    Raises BaseModelError when its base model cannot be had."""
+    from app.ml.models.registry import resolve_base_model
+    from app.ml.infer.classifier import ModelRef
+
+    if not adapter_dir.is_dir():
+        raise NotFoundError(f"model '{model_id}': adapter files are missing at {adapter_dir}")
+    trained_with = _training_config(adapter_dir)
+    return ModelRef(
+        key=model_id, version=f"{model_id}:{_mtime(adapter_dir)}",
+        base_model_dir=resolve_base_model(base_model, settings),
+        adapter_dir=adapter_dir, system_prompt=system_prompt,
+        label_set=LabelSet.from_pairs(label_set),
+        # one base model in memory serves every adapter on it: 4-bit where "auto" picks it
+        quantization="auto",
+        # dialogues are cut at serving exactly as they were in training
+        max_input_length=trained_with.get("max_input_length"),
+    )
 
 
 def _training_config(adapter_dir: Path) -> dict:

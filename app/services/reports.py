@@ -24,10 +24,11 @@ def new_report_dir(settings: Settings) -> tuple[str, Path]:
 
 def record_report(session: Session, *, report_id: str, report_dir: Path, report: dict, model_id: str,
                   dataset_id: str, job_id: str | None) -> Report:
+    """Add the report's row; the caller commits it together with the job's end (app.services.jobs.complete_job)."""
     row = Report(id=report_id, model_id=model_id, dataset_id=dataset_id, job_id=job_id, mode=report.get("mode", "score"),
                  path=str(report_dir), summary={k: report.get(k) for k in SUMMARY_KEYS})
     session.add(row)
-    session.commit()
+    session.flush()
     return row
 
 

@@ -28,7 +28,9 @@ def get_job(job_id: str, session: SessionDep) -> JobOut:
 
 
 @router.get("/{job_id}/events", response_model=list[JobEventOut])
-def job_events(job_id: str, session: SessionDep, after_id: int = Query(0, ge=0)) -> list[JobEventOut]:
+def job_events(job_id: str, session: SessionDep,
+               after_id: int = Query(0, ge=0, le=2**63 - 1, description="events with a larger id (a 64-bit id)")
+               ) -> list[JobEventOut]:
     return [event_out(e) for e in service.list_events(session, job_id, after_id)]
 
 

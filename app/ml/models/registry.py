@@ -253,6 +253,29 @@ def list_base_models(settings) -> list[dict]:
     return rows
 
 
+def check_available(name: str, settings) -> BaseModelSpec:
+    """The spec of ``name`` if it is prepared or can be prepared here; otherwise :class:`BaseModelError`
+    saying what to install or set. Cheap enough for a request: nothing is prepared, imported or downloaded."""
+    spec = get_spec(name, settings)
+    if spec.source == "local":
+        _resolve_local(spec, settings)
+        return spec
+    if spec.source == "hub":
+        _check_hub_env_path(spec)
+    if _prepared_path(spec, settings) is not None:
+        return spec
+    if spec.source == "packaged":
+        _locate_parts(spec)
+    elif spec.source == "hub":
+        _check_hub_download_allowed(spec)
+    return spec
+
+
+def prepared_path(name: str, settings) -> Path | None:
+    """The usable folder of ``name`` if there is one now (never builds anything)."""
+    return _prepared_path(get_spec(name, settings), settings)
+
+
 # ----------------------------------------------------------------------------------------- resolving
 
 

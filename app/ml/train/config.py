@@ -5,17 +5,28 @@ Defaults are the seed recipe (``configs/cmcc34_qlora_system_prompt.yaml``); a jo
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.core.config import CONFIGS_DIR
 
+GPU_RECIPE = "cmcc34_qlora_system_prompt"  # the seed recipe: GLM-4-9B in 4-bit, needs a GPU
+CPU_RECIPE = "cpu_small"  # the embedded default model on a CPU in minutes
+
+# transformers' SchedulerType values that run with no lr_scheduler_kwargs and without evaluation metrics
+# (reduce_lr_on_plateau and greedy need metrics, the *_min_lr ones min_lr, warmup_stable_decay its decay steps).
+LrSchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt"]
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$", max_length=200)]
+
 
 class TrainingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: JSON bodies may carry Infinity/NaN, which no hyperparameter can use.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Quantisation: "4bit" = NF4 + double quant (QLoRA); "none" = LoRA on a full-precision base;
     # "auto" = 4bit on CUDA; none on CPU, where 4-bit measured no faster and noticeably worse on a
@@ -26,26 +37,28 @@ class TrainingConfig(BaseModel):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     lora_r: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(64, ge=1)
+    lora_alpha: int = Field(64, ge=1, le=16384)
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    target_modules: list[ModuleName] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                             min_length=1, max_length=64)
 
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     per_device_train_batch_size: int = Field(4, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    # Upper bounds of steps and epochs are settings (MAX_TRAIN_STEPS, MAX_TRAIN_EPOCHS), checked per job.
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="> 0 overrides num_train_epochs")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_input_length: int = Field(1024, ge=16)
-    max_output_length: int = Field(256, ge=4)
-    save_steps: int = Field(500, ge=1)
-    logging_steps: int = Field(50, ge=1)
+    lr_scheduler_type: LrSchedulerType = "linear"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_input_length: int = Field(1024, ge=16, le=131072)
+    max_output_length: int = Field(256, ge=4, le=8192)
+    save_steps: int = Field(500, ge=1, le=2**31 - 1)
+    logging_steps: int = Field(50, ge=1, le=2**31 - 1)
     gradient_checkpointing: bool = True
     # Run the system-prompt prefix once per batch and expand its keys/values (app.ml.train.shared_prefix).
     shared_prefix: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range (transformers' set_seed seeds numpy too)
 
     @model_validator(mode="after")
     def _check_steps(self):
@@ -63,6 +76,26 @@ def load_config_file(name_or_path: str) -> tuple[dict, str | None]:
         raise FileNotFoundError(f"config '{name_or_path}' not found (looked in {CONFIGS_DIR})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return dict(data.get("hyperparameters", {})), data.get("base_model")
+
+
+def default_config_name(settings) -> str:
+    """DEFAULT_CONFIG when set, else the recipe for the hardware here: the seed recipe with a GPU, the CPU one without."""
+    if settings.default_config:
+        return settings.default_config
+    return GPU_RECIPE if _cuda_here(settings.device) else CPU_RECIPE
+
+
+def _cuda_here(device: str | None) -> bool:
+    if device:
+        return device.startswith("cuda")
+    return _torch_sees_cuda()
+
+
+@lru_cache(maxsize=1)
+def _torch_sees_cuda() -> bool:
+    import torch  # first call only: the worker on this machine makes the same choice (app.ml.models.loading)
+
+    return torch.cuda.is_available()
 
 
 def available_configs() -> list[str]:

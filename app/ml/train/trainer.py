@@ -9,7 +9,9 @@ ordinary full batch otherwise; both compute logits only where there is a label.
 
 A job is a directory: ``checkpoints/checkpoint-N`` while it runs (a restarted worker resumes
 from the newest complete one, losing at most ``save_steps``), ``adapter/`` when it succeeds
-(adapter weights + config, tokenizer, ``intent_tuner.json`` metadata, ``loss_curve.png``).
+(adapter weights + config, tokenizer, ``intent_tuner.json`` metadata, ``loss_curve.png``). The
+adapter folder is written aside and renamed into place, so its presence means the training is
+done: a job run again (its worker died while evaluating) never trains a second time.
 The caller observes and steers it through ``TrainingHooks``: log records, events, and a
 cancel flag polled after every optimizer step.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,7 +66,8 @@ class TrainingHooks:
     - ``on_log(record)`` every ``logging_steps``: step, max_steps, epoch, loss, learning_rate,
       tokens_per_second, samples_per_second, eta_seconds.
     - ``on_event(kind, message, data)``: "model_loaded", "dataset_encoded", "resumed",
-      "checkpoint_saved", "cancelled", "finished", "warning".
+      "checkpoint_saved", "cancelled", "finished", "training_done" (finished earlier: nothing
+      trained), "warning".
     - ``should_stop()`` polled after every optimizer step (and before training starts): True
       cancels the run within one step; checkpoints are kept, no adapter is written.
     """
@@ -99,6 +104,38 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix(_CHECKPOINT_PREFIX))
+
+
+def finished_training(job_dir: Path) -> TrainingResult | None:
+    """The result of a training that already finished in ``job_dir`` (its adapter is in place), else None."""
+    adapter_dir = Path(job_dir) / ADAPTER_DIRNAME
+    meta_path = adapter_dir / METADATA_FILENAME
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    metrics = meta.get("metrics") or {}
+    return TrainingResult(
+        adapter_dir=adapter_dir, cancelled=False, steps=int(metrics.get("global_step") or 0),
+        final_loss=metrics.get("final_loss"), train_runtime_s=float(metrics.get("train_runtime") or 0.0),
+        quantization=meta.get("quantization", "none"), loss_history=meta.get("loss_history") or [], metrics=metrics,
+    )
+
+
+def _final_checkpoint_state(checkpoint: Path | None) -> dict | None:
+    """trainer_state.json of ``checkpoint`` when it was saved at the run's last step, else None."""
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / _TRAINER_STATE).read_text(encoding="utf-8"))
+    if 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+        return state
+    return None
+
+
+def _load_checkpoint_adapter(model, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -285,9 +322,15 @@ def train_adapter(
     hooks = hooks or TrainingHooks()
     job_dir = Path(job_dir)
     checkpoints_dir = job_dir / CHECKPOINTS_DIRNAME
+    done = finished_training(job_dir)
+    if done is not None:
+        hooks.on_event("training_done", f"training already finished at step {done.steps}; its adapter is kept, "
+                       "nothing is trained again", {"step": done.steps, "adapter_dir": str(done.adapter_dir)})
+        return done
     if not records:
         raise ValueError("no training records")
     pairs = _answers(records, label_set)
+    check_target_modules(Path(base_model_dir), config.target_modules)
     set_seed(config.seed)
 
     loaded = load_base_model(
@@ -351,15 +394,27 @@ def train_adapter(
         hooks.on_event("resumed", f"resuming from {resume_from.name}",
                        {"step": checkpoint_step(resume_from), "path": str(resume_from)})
     started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final_state = _final_checkpoint_state(resume_from)
+    if final_state is not None:
+        # Killed after the last checkpoint, before the adapter was written: there is no step left, and
+        # Trainer.train would run one more when the run stopped mid-epoch. Take the checkpoint's weights.
+        _load_checkpoint_adapter(model, resume_from)
+        log_history, global_step, max_steps = final_state["log_history"], final_state["global_step"], \
+            final_state["max_steps"]
+        train_metrics = {}
+    else:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        log_history, global_step, max_steps = trainer.state.log_history, trainer.state.global_step, \
+            trainer.state.max_steps
+        train_metrics = output.metrics
     runtime = time.monotonic() - started
 
-    history = _loss_history(trainer.state.log_history)
+    history = _loss_history(log_history)
     final_loss = history[-1]["loss"] if history else None
     metrics = {
-        **{k: v for k, v in output.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
-        "global_step": trainer.state.global_step,
-        "max_steps": trainer.state.max_steps,
+        **{k: v for k, v in train_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        "global_step": global_step,
+        "max_steps": max_steps,
         "final_loss": final_loss,
         "tokens_per_second": throughput.tokens / runtime if runtime > 0 else None,
         "samples_per_second": throughput.samples / runtime if runtime > 0 else None,
@@ -373,14 +428,14 @@ def train_adapter(
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
     }
     if cancel.cancelled:
-        hooks.on_event("cancelled", f"cancelled at step {trainer.state.global_step}",
-                       {"step": trainer.state.global_step})
-        return TrainingResult(None, True, trainer.state.global_step, final_loss, runtime,
-                              loaded.quantization, history, metrics)
+        hooks.on_event("cancelled", f"cancelled at step {global_step}", {"step": global_step})
+        return TrainingResult(None, True, global_step, final_loss, runtime, loaded.quantization, history, metrics)
 
     adapter_dir = job_dir / ADAPTER_DIRNAME
+    staging = job_dir / f".{ADAPTER_DIRNAME}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a worker killed while saving
     save_adapter(
-        model, loaded.tokenizer, adapter_dir,
+        model, loaded.tokenizer, staging,
         metadata={
             "system_prompt": system_prompt,
             "label_set": label_set.to_pairs(),
@@ -388,13 +443,27 @@ def train_adapter(
             "training_config": config.model_dump(),
             "quantization": loaded.quantization,
             "metrics": metrics,
+            "loss_history": history,
         },
     )
-    _write_loss_curve(history, adapter_dir / LOSS_CURVE_FILENAME, hooks)
-    hooks.on_event("finished", f"training finished at step {trainer.state.global_step}",
-                   {"step": trainer.state.global_step, "adapter_dir": str(adapter_dir), "final_loss": final_loss})
-    return TrainingResult(adapter_dir, False, trainer.state.global_step, final_loss, runtime,
-                          loaded.quantization, history, metrics)
+    _write_loss_curve(history, staging / LOSS_CURVE_FILENAME, hooks)
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # without its metadata it is incomplete (older versions)
+    os.rename(staging, adapter_dir)  # complete by construction: the marker that training is done
+    hooks.on_event("finished", f"training finished at step {global_step}",
+                   {"step": global_step, "adapter_dir": str(adapter_dir), "final_loss": final_loss})
+    return TrainingResult(adapter_dir, False, global_step, final_loss, runtime, loaded.quantization, history, metrics)
+
+
+def check_target_modules(base_model_dir: Path, target_modules: list[str]) -> None:
+    """Refuse LoRA targets the base model does not have, before anything is loaded."""
+    from app.ml.models.target_modules import describe, matrix_module_names, unknown_target_modules
+
+    names = matrix_module_names(base_model_dir)
+    if names is None:
+        return  # no safetensors to read: peft names what it cannot find when the adapter is attached
+    unknown = unknown_target_modules(list(target_modules), names)
+    if unknown:
+        raise ValueError(f"target_modules {unknown} are not modules of this base model; it has: {describe(names)}")
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, *, metadata: dict) -> None:
