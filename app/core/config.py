@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     # How many times a job orphaned by a dead worker is resumed before it is failed.
     max_job_attempts: int = 3
     device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
+    # Bounds of one POST /classify, checked before any model is loaded (413 beyond them).
+    classify_max_texts: int = Field(default=256, ge=1, description="Dialogues in one /classify request at most.")
+    classify_max_text_chars: int = Field(
+        default=100_000, ge=1, description="Characters of one dialogue at most in a /classify request.")
+    classify_max_input_length: int = Field(
+        default=1024, ge=16,
+        description="Prompt tokens a zero-shot model (or an adapter whose recipe recorded none) sees at most; "
+                    "a longer dialogue loses its end, as in training.")
 
     @property
     def sqlalchemy_url(self) -> str:
