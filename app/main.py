@@ -47,9 +47,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     app.include_router(health.router)
-    protected = [Depends(require_api_key)]
+    # Without a key nothing is protected, and the OpenAPI document then declares no security either.
+    protected = {}
+    if settings.api_key:
+        protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
     for module in (datasets, jobs, models, classify, evaluations, reports):
-        app.include_router(module.router, dependencies=protected, responses=error_responses(401))
+        app.include_router(module.router, **protected)
     return app
 
 

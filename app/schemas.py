@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -13,6 +13,16 @@ from pydantic import (
 
 from app.ml.prompt import ANSWER_PREFIX
 from app.ml.training_config import TrainingConfig
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC (app.models.utcnow)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# A time in UTC, with its offset: the RFC 3339 date-time the OpenAPI document promises.
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
 
 # --- errors: the one body every 4xx has ----------------------------------------------------
 
@@ -88,7 +98,7 @@ class DatasetOut(BaseModel):
     stats: dict[str, Any] = Field(description="imbalance (min/max per class, ratio) and token figures")
     system_prompt: str
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class JobCreate(RequestBody):
@@ -135,15 +145,15 @@ class JobOut(BaseModel):
     attempts: int
     model_id: str | None
     report_id: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    heartbeat_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
+    heartbeat_at: UtcDateTime | None
 
 
 class JobEventOut(BaseModel):
     id: int
-    created_at: datetime
+    created_at: UtcDateTime
     kind: str
     message: str
     data: dict[str, Any]
@@ -171,7 +181,7 @@ class FineTunedModelOut(BaseModel):
     quantization: str
     labels: list[LabelOut]
     metrics: dict[str, Any]
-    created_at: datetime
+    created_at: UtcDateTime
     loss_curve_url: str | None = None
 
 
@@ -303,7 +313,7 @@ class ReportOut(BaseModel):
     dataset_id: str
     job_id: str | None
     mode: str
-    created_at: datetime
+    created_at: UtcDateTime
     summary: dict[str, Any]
     confusion_matrix_url: str
 

@@ -17,6 +17,7 @@ from app.schemas import ErrorResponse
 from app.services.errors import ServiceError
 
 _DESCRIPTIONS = {
+    400: "The body could not be read (not UTF-8 JSON, or not multipart form data).",
     401: "Missing or wrong bearer API key (only when API_KEY is set).",
     404: "Not found: detail.message names what.",
     409: "Conflict with the resource's state: detail.message says which.",

@@ -11,7 +11,7 @@ from app.services.classify import classify_texts
 router = APIRouter(tags=["classify"])
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=error_responses(404, 413, 422))
+@router.post("/classify", response_model=ClassifyResponse, responses=error_responses(400, 404, 413, 422))
 def classify(body: ClassifyRequest, session: SessionDep, settings: SettingsDep,
              registry: Annotated[object, Depends(get_registry)]) -> ClassifyResponse:
     """Classify one or more dialogues (turns joined by [SEP]) with a fine-tuned model.
