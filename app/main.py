@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import require_api_key
+from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
 from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
@@ -39,14 +41,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError):
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()})
+    # Every error answer has one body, app.schemas.ErrorResponse, as the OpenAPI document says.
+    app.add_exception_handler(ServiceError, service_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     app.include_router(health.router)
-    protected = [Depends(require_api_key)]
+    # Without a key nothing is protected, and the OpenAPI document then declares no security either.
+    protected = {}
+    if settings.api_key:
+        protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
     for module in (datasets, jobs, models, classify, evaluations, reports):
-        app.include_router(module.router, dependencies=protected)
+        app.include_router(module.router, **protected)
     return app
 
 

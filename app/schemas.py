@@ -2,12 +2,82 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+import re
+import unicodedata
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator,
+)
 
+from app.domain.prompt import ANSWER_PREFIX
 from app.ml.train.config import TrainingConfig
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC (app.models.utcnow)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# A time in UTC, with its offset: the RFC 3339 date-time the OpenAPI document promises.
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+# --- errors: the one body every 4xx has ----------------------------------------------------
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="The field, e.g. 'labels[2]' or 'hyperparameters.max_steps'.")
+    message: str
+    type: str = Field(description="The kind of problem (pydantic's error type), e.g. 'missing', 'int_type'.")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong, naming the field (and the row of an upload).")
+    field: str | None = Field(None, description="The field at fault, when one is.")
+    row: int | None = Field(None, description="Uploads: the 1-based row (line) at fault.")
+    errors: list[FieldError] | None = Field(None, description="Request validation: every problem found.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (4xx) of the API."""
+
+    detail: ErrorDetail
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+
+def _lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where ``value`` holds a lone UTF-16 surrogate (valid JSON, not encodable text), or None."""
+    if isinstance(value, str):
+        return path if any(0xD800 <= ord(c) <= 0xDFFF for c in value) else None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if (found := _lone_surrogate_path(item, f"{path}[{i}]")) is not None:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            for found in (_lone_surrogate_path(key, f"{path}.{key!a}"), _lone_surrogate_path(item, f"{path}.{key}")):
+                if found is not None:
+                    return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: unknown fields and text that is not valid Unicode are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info):
+        found = _lone_surrogate_path(value, info.field_name)
+        if found is not None:
+            raise ValueError(f"{found} holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
+        return value
+
 
 
 class LabelOut(BaseModel):
@@ -28,12 +98,10 @@ class DatasetOut(BaseModel):
     stats: dict[str, Any] = Field(description="imbalance (min/max per class, ratio) and token figures")
     system_prompt: str
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JobCreate(RequestBody):
     dataset_id: str
     validation_dataset_id: str | None = None
     base_model: str | None = Field(None, description="A base model name from GET /models (default: the config's).")
@@ -78,15 +146,15 @@ class JobOut(BaseModel):
     attempts: int
     model_id: str | None
     report_id: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    heartbeat_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
+    heartbeat_at: UtcDateTime | None
 
 
 class JobEventOut(BaseModel):
     id: int
-    created_at: datetime
+    created_at: UtcDateTime
     kind: str
     message: str
     data: dict[str, Any]
@@ -114,7 +182,7 @@ class FineTunedModelOut(BaseModel):
     quantization: str
     labels: list[LabelOut]
     metrics: dict[str, Any]
-    created_at: datetime
+    created_at: UtcDateTime
     loss_curve_url: str | None = None
 
 
@@ -123,28 +191,91 @@ class ModelsOut(BaseModel):
     adapters: list[FineTunedModelOut]
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+MAX_ZERO_SHOT_LABELS = 200
+MAX_LABEL_NAME_CHARS = 100
+MAX_LABEL_ID = 2**31 - 1
+# What parse_answer reads as the start of an answer (app.domain.prompt): no name may contain it.
+_ANSWER_PREFIX_RE = re.compile(r"意图\s*[：:]")
 
-    model: str = Field(description="A fine-tuned model id (adapter) or a base model name (zero-shot).")
-    text: str | None = Field(None, min_length=1)
-    texts: list[str] | None = Field(None, min_length=1, max_length=256)
+
+def _clean_label_name(name: str) -> str:
+    """A label name is one line of visible text: it is written into the prompt and into every answer."""
+    name = name.strip()
+    if not name:
+        raise ValueError("the label name is empty")
+    bad = next((c for c in name if unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise ValueError(f"the label name holds the control or invisible character {bad!a}")
+    if _ANSWER_PREFIX_RE.search(name):
+        raise ValueError(f"the label name holds the answer prefix '{ANSWER_PREFIX}'")
+    return name
+
+
+LabelName = Annotated[
+    StrictStr, Field(min_length=1, max_length=MAX_LABEL_NAME_CHARS), AfterValidator(_clean_label_name)
+]
+LabelId = Annotated[StrictInt, Field(ge=0, le=MAX_LABEL_ID)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200)]
+DatasetId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ClassifyRequest(RequestBody):
+    model: ModelName = Field(description="A fine-tuned model id (adapter) or a base model name (zero-shot).")
+    text: str | None = Field(None, min_length=1, description="One dialogue (turns joined by [SEP]).")
+    texts: list[str] | None = Field(
+        None, min_length=1,
+        description="Several dialogues. At most CLASSIFY_MAX_TEXTS of at most CLASSIFY_MAX_TEXT_CHARS characters "
+                    "each (settings; 413 beyond); a dialogue is cut to the model's max input length in tokens.",
+    )
     mode: Literal["score", "generate"] = Field(
         "score", description="score: rank the model's labels (always a valid label); generate: free text, parsed."
     )
     top_k: int = Field(5, ge=1, le=100)
-    labels: list[list] | None = Field(
-        None, description="Zero-shot on a base model only: [[id, name], ...]; default the CMCC-34 labels."
+    labels: list[tuple[LabelId, LabelName]] | None = Field(
+        None, min_length=1, max_length=MAX_ZERO_SHOT_LABELS,
+        description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique, "
+                    f"non-empty one-line names (at most {MAX_LABEL_NAME_CHARS} characters); "
+                    "default the CMCC-34 labels.",
+        examples=[[[0, "办理开通"], [1, "办理取消"]]],
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[tuple[int, str]] | None):
+        seen_ids: dict[int, int] = {}
+        seen_names: dict[str, int] = {}
+        for index, (label_id, name) in enumerate(labels or []):
+            if label_id in seen_ids:
+                raise ValueError(f"labels[{index}] repeats the id {label_id} of labels[{seen_ids[label_id]}]")
+            if name in seen_names:
+                raise ValueError(f"labels[{index}] repeats the name of labels[{seen_names[name]}]")
+            seen_ids[label_id], seen_names[name] = index, index
+        return labels
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, text: str | None):
+        if text is not None and not text.strip():
+            raise ValueError("text is empty")
+        return text
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_not_blank(cls, texts: list[str] | None):
+        for i, t in enumerate(texts or []):
+            if not t.strip():
+                raise ValueError(f"texts[{i}] is empty")
+        return texts
 
     @model_validator(mode="after")
     def _one_of_text_texts(self):
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of 'text' or 'texts'")
-        for i, t in enumerate(self.texts or []):
-            if not t.strip():
-                raise ValueError(f"texts[{i}] is empty")
         return self
+
+    @property
+    def all_texts(self) -> list[str]:
+        return self.texts if self.texts is not None else [self.text]
 
 
 class TopLabelOut(BaseModel):
@@ -171,11 +302,9 @@ class ClassifyResponse(BaseModel):
     latency_ms: float
 
 
-class EvaluationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    dataset_id: str
+class EvaluationCreate(RequestBody):
+    model: ModelName = Field(description="A fine-tuned model id (adapter) or a base model name (zero-shot).")
+    dataset_id: DatasetId = Field(description="A dataset whose label ids and names are the model's.")
     mode: Literal["score", "generate"] = "score"
 
 
@@ -185,9 +314,42 @@ class ReportOut(BaseModel):
     dataset_id: str
     job_id: str | None
     mode: str
-    created_at: datetime
+    created_at: UtcDateTime
     summary: dict[str, Any]
     confusion_matrix_url: str
 
 
+class ReportDetailOut(ReportOut):
+    metrics: dict[str, Any] = Field(description="accuracy, macro/weighted F1, per class, confused pairs, timing")
+
+
 __all__ = [name for name in dir() if name[0].isupper()] + ["TrainingConfig"]
+
+
+class WorkerHealthOut(BaseModel):
+    id: str
+    hostname: str
+    pid: int | None = None
+    current_job_id: str | None = None
+    last_seen_seconds_ago: float
+    alive: bool = Field(description="seen within stale_after_seconds (and, on this host, its process exists)")
+
+
+class WorkersHealthOut(BaseModel):
+    live: int
+    stale_after_seconds: float
+    items: list[WorkerHealthOut]
+
+
+class QueueHealthOut(BaseModel):
+    queued: int
+    oldest_queued_seconds: float | None = None
+    running: int
+    running_with_stale_heartbeat: int
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "ready", "not_ready"]
+    ready: bool = Field(description="a live worker has polled or heartbeat recently")
+    workers: WorkersHealthOut
+    queue: QueueHealthOut

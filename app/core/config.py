@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     serve_workers: int = Field(default=1, ge=0, description="0: the API only (workers run elsewhere).")
     worker_restart_min_seconds: float = Field(default=1.0, gt=0, description="First wait before a restart.")
     worker_restart_max_seconds: float = Field(default=60.0, gt=0, description="The wait doubles up to this.")
+    # Bounds of one POST /classify, checked before any model is loaded (413 beyond them).
+    classify_max_texts: int = Field(default=256, ge=1, description="Dialogues in one /classify request at most.")
+    classify_max_text_chars: int = Field(
+        default=100_000, ge=1, description="Characters of one dialogue at most in a /classify request.")
+    classify_max_input_length: int = Field(
+        default=1024, ge=16,
+        description="Prompt tokens a zero-shot model (or an adapter whose recipe recorded none) sees at most; "
+                    "a longer dialogue loses its end, as in training.")
 
     @property
     def sqlalchemy_url(self) -> str:

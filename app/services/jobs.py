@@ -23,6 +23,7 @@ from app.ml.train.config import TrainingConfig, available_configs, default_confi
 from app.models import JOB_TERMINAL, Dataset, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
 from app.services.errors import ConflictError, NotFoundError, UnprocessableError
+from app.services.label_sets import check_labels_match
 from app.services.rows import get_row
 
 
@@ -37,17 +38,8 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
     dataset = get_dataset(session, dataset_id)
     if validation_dataset_id:
         validation = get_dataset(session, validation_dataset_id)
-        unknown = {i for i, _ in validation.label_set} - {i for i, _ in dataset.label_set}
-        if unknown:
-            raise UnprocessableError(
-                f"validation dataset has label ids {sorted(unknown)} that the training dataset lacks",
-                field="validation_dataset_id",
-            )
-        names = dict(map(tuple, dataset.label_set))
-        clash = [i for i, n in validation.label_set if names.get(i) not in (None, n)]
-        if clash:
-            raise UnprocessableError(f"label ids {clash} have other names in the validation dataset",
-                                     field="validation_dataset_id")
+        check_labels_match(dataset.label_set, validation.label_set, field="validation_dataset_id",
+                           known_as="the training dataset", given_as="the validation dataset")
     config_name = config or default_config_name(settings)
     if config_name not in available_configs():
         raise UnprocessableError(f"unknown config '{config_name}'; available: {available_configs()}", field="config")
@@ -119,10 +111,8 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
 
     dataset = get_dataset(session, dataset_id)
     ref = resolve_model_ref(session, settings, model, labels=dataset.label_set)
-    unknown = {i for i, _ in dataset.label_set} - set(ref.label_set.ids)
-    if unknown:
-        raise UnprocessableError(f"dataset has label ids {sorted(unknown)} that model '{model}' does not know",
-                                 field="dataset_id")
+    check_labels_match(ref.label_set.to_pairs(), dataset.label_set, field="dataset_id",
+                       known_as=f"model '{model}'", given_as=f"dataset '{dataset.id}'")
     job = Job(id=new_id("job"), kind="evaluate", status="queued", dataset_id=dataset.id, target_model_id=model,
               params={"mode": mode}, hyperparameters={}, progress={})
     if claimed_by:

@@ -45,7 +45,8 @@ def resolve_model_ref(session: Session, settings: Settings, model: str, *, label
         label_set = LabelSet.from_pairs(labels) if labels else CMCC34_LABEL_SET
         base_dir = resolve_base_model(model, settings)
         return ModelRef(key=f"base:{model}", version=f"base:{model}", base_model_dir=base_dir, adapter_dir=None,
-                        system_prompt=build_system_prompt(label_set), label_set=label_set, quantization="auto")
+                        system_prompt=build_system_prompt(label_set), label_set=label_set, quantization="auto",
+                        max_input_length=settings.classify_max_input_length)
     except BaseModelError as exc:
         raise UnprocessableError(f"model '{model}' is neither a fine-tuned model id nor a usable base model: {exc}",
                                  field="model") from None
@@ -69,8 +70,9 @@ def adapter_model_ref(settings: Settings, *, model_id: str, base_model: str, ada
         label_set=LabelSet.from_pairs(label_set),
         # one base model in memory serves every adapter on it: 4-bit where "auto" picks it
         quantization="auto",
-        # dialogues are cut at serving exactly as they were in training
-        max_input_length=trained_with.get("max_input_length"),
+        # dialogues are cut at serving exactly as they were in training (a recipe without a limit: the
+        # serving limit)
+        max_input_length=trained_with.get("max_input_length") or settings.classify_max_input_length,
     )
 
 

@@ -4,13 +4,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from app.api.deps import SessionDep, SettingsDep, get_registry
+from app.api.errors import error_responses
 from app.schemas import ClassifyRequest, ClassifyResponse, PredictionOut, TopLabelOut
-from app.services.models import resolve_model_ref
+from app.services.classify import classify_texts
 
 router = APIRouter(tags=["classify"])
 
 
-@router.post("/classify", response_model=ClassifyResponse)
+@router.post("/classify", response_model=ClassifyResponse, responses=error_responses(400, 404, 413, 422))
 def classify(body: ClassifyRequest, session: SessionDep, settings: SettingsDep,
              registry: Annotated[object, Depends(get_registry)]) -> ClassifyResponse:
     """Classify one or more dialogues (turns joined by [SEP]) with a fine-tuned model.
@@ -19,9 +20,9 @@ def classify(body: ClassifyRequest, session: SessionDep, settings: SettingsDep,
     ``mode="generate"`` decodes free text as the upstream pipeline did and reports unparseable output.
     """
     started = time.perf_counter()
-    texts = body.texts if body.texts is not None else [body.text]
-    ref = resolve_model_ref(session, settings, body.model, labels=body.labels)
-    predictions = registry.get(ref).classify(texts, mode=body.mode, top_k=body.top_k)
+    texts = body.all_texts
+    predictions = classify_texts(session, settings, registry, model=body.model, texts=texts,
+                                 single=body.texts is None, labels=body.labels, mode=body.mode, top_k=body.top_k)
     return ClassifyResponse(
         model=body.model, mode=body.mode, latency_ms=round((time.perf_counter() - started) * 1000, 2),
         predictions=[

@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 
 from app.api.deps import SessionDep, SettingsDep
+from app.api.errors import error_responses
 from app.api.presenters import dataset_out
 from app.schemas import DatasetOut
 from app.services import datasets as service
@@ -10,7 +11,8 @@ from app.services import datasets as service
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses=error_responses(400, 413, 422))
 def upload_dataset(session: SessionDep, settings: SettingsDep,
                    file: Annotated[UploadFile, File(description="CSV (CMCC-34 or text,label) or JSONL chat")],
                    name: Annotated[str | None, Form()] = None) -> DatasetOut:
@@ -25,11 +27,11 @@ def list_datasets(session: SessionDep) -> list[DatasetOut]:
     return [dataset_out(d) for d in service.list_datasets(session)]
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404, 422))
 def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
     return dataset_out(service.get_dataset(session, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409, 422))
 def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> None:
     service.delete_dataset(session, settings, dataset_id)

@@ -4,12 +4,16 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep
+from app.api.errors import error_responses
 from app.api.presenters import adapter_out
 from app.schemas import BaseModelOut, FineTunedModelOut, ModelsOut
 from app.services import models as service
 from app.services.errors import NotFoundError
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+_PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The image (PNG)."}}
 
 
 @router.get("", response_model=ModelsOut, summary="Base models (registry) and fine-tuned adapters")
@@ -19,12 +23,13 @@ def list_models(session: SessionDep, settings: SettingsDep) -> ModelsOut:
     return ModelsOut(base_models=base, adapters=[adapter_out(m) for m in service.list_adapters(session)])
 
 
-@router.get("/{model_id}", response_model=FineTunedModelOut)
+@router.get("/{model_id}", response_model=FineTunedModelOut, responses=error_responses(404, 422))
 def get_model(model_id: str, session: SessionDep) -> FineTunedModelOut:
     return adapter_out(service.get_adapter(session, model_id))
 
 
-@router.get("/{model_id}/loss_curve.png", response_class=FileResponse)
+@router.get("/{model_id}/loss_curve.png", response_class=FileResponse,
+            responses={**_PNG, **error_responses(404, 422)})
 def loss_curve(model_id: str, session: SessionDep) -> FileResponse:
     path = Path(service.get_adapter(session, model_id).adapter_path) / "loss_curve.png"
     if not path.is_file():

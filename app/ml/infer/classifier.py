@@ -30,7 +30,7 @@ import torch
 
 from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS, generate_answers
 from app.domain.prompt import LabelSet
-from app.ml.infer.scoring import LabelScorer, label_distribution
+from app.ml.infer.scoring import LabelScorer, label_distribution, render_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,22 @@ class ModelRef:
         object.__setattr__(self, "base_model_dir", Path(self.base_model_dir))
         if self.adapter_dir is not None:
             object.__setattr__(self, "adapter_dir", Path(self.adapter_dir))
+
+
+class PromptTooLongError(ValueError):
+    """The prompt without any dialogue (system prompt + label list) does not fit the ref's max input length."""
+
+
+def check_prompt_fits(tokenizer, ref: ModelRef) -> None:
+    """Refuse a ref whose label list leaves no room for a dialogue within ``max_input_length``."""
+    if ref.max_input_length is None:
+        return
+    fixed = len(render_prompt_ids(tokenizer, ref.system_prompt, ""))
+    if fixed >= ref.max_input_length:
+        raise PromptTooLongError(
+            f"the prompt without a dialogue (system prompt with {len(ref.label_set)} labels) is {fixed} tokens, "
+            f"which leaves no room for a dialogue within the max input length of {ref.max_input_length} tokens"
+        )
 
 
 class _BaseModelSlot:
@@ -271,6 +287,7 @@ class ClassifierRegistry:
                 self._evict(ref.key)
             base_key = (str(ref.base_model_dir.resolve()), ref.quantization)
             slot = self._base(base_key, ref)
+            check_prompt_fits(slot.tokenizer, ref)
             name = None
             if ref.adapter_dir is not None:
                 name = f"adapter_{next(self._names)}"

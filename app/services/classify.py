@@ -1,0 +1,41 @@
+"""Classification requests: bounded before any model work, then run on a ready classifier."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.services.errors import PayloadTooLargeError, UnprocessableError
+from app.services.models import resolve_model_ref
+
+
+def check_request_size(settings: Settings, texts: list[str], *, single: bool) -> None:
+    """413 for more dialogues, or a longer one, than one request may carry (settings ``classify_max_*``)."""
+    if len(texts) > settings.classify_max_texts:
+        raise PayloadTooLargeError(
+            f"{len(texts)} texts in one request; at most {settings.classify_max_texts} (CLASSIFY_MAX_TEXTS): "
+            "split the request", field="texts")
+    limit = settings.classify_max_text_chars
+    for index, text in enumerate(texts):
+        if len(text) > limit:
+            field = "text" if single else f"texts[{index}]"
+            raise PayloadTooLargeError(
+                f"{field} has {len(text)} characters; at most {limit} (CLASSIFY_MAX_TEXT_CHARS)", field=field)
+
+
+def classify_texts(session: Session, settings: Settings, registry, *, model: str, texts: list[str], single: bool,
+                   labels: list[tuple[int, str]] | None, mode: str, top_k: int) -> list:
+    """Predictions for ``texts`` (``app.ml.infer.classifier.Prediction``), in order."""
+    from app.ml.infer.classifier import PromptTooLongError
+
+    check_request_size(settings, texts, single=single)
+    ref = resolve_model_ref(session, settings, model, labels=labels)
+    if labels and ref.adapter_dir is not None:
+        raise UnprocessableError(f"labels are for zero-shot on a base model; '{model}' is a fine-tuned model and "
+                                 "answers with the labels it was trained on", field="labels")
+    try:
+        classifier = registry.get(ref)
+    except PromptTooLongError as exc:
+        raise UnprocessableError(f"{exc}: use fewer or shorter labels, or raise CLASSIFY_MAX_INPUT_LENGTH",
+                                 field="labels" if labels else "model") from None
+    return classifier.classify(texts, mode=mode, top_k=top_k)
