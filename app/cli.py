@@ -68,24 +68,30 @@ def _classify(args) -> int:
 
 
 def _evaluate(args) -> int:
+    import threading
+
     from app.services import jobs as job_service
-    from app.services.reports import get_report
-    from workers.worker import Worker
+    from app.services import pipelines, queue
+    from app.services.reports import get_report, report_dir
 
     settings = get_settings()
     run_migrations(settings)
-    worker = Worker(settings)  # heartbeat, cancel and a final status exactly as a served worker gives
+    # The job is created already running for this process (a queued one could also be claimed by a served
+    # worker), then run with the heartbeat, cancel and final status a served worker gives it.
+    worker_id = queue.worker_identity()
     with session_scope(settings) as session:
         job_id = job_service.create_evaluation_job(session, settings, model=args.model, dataset_id=args.dataset,
-                                                   mode=args.mode, claimed_by=worker.worker_id).id
-    worker.run_one(job_id)
+                                                   mode=args.mode, claimed_by=worker_id).id
+    pipelines.run_claimed_job(settings, job_id, worker_id, classifiers=pipelines.Classifiers(settings),
+                              shutdown=threading.Event(), announce=False)
     with session_scope(settings) as session:
         job = job_service.get_job(session, job_id)
         if job.status != "succeeded":
             print(f"evaluation job {job_id} {job.status}: {job.error_message}", file=sys.stderr)
             return 1
         report = get_report(session, job.report_id)
-        print(json.dumps({"report_id": report.id, "path": report.path, **report.summary}, ensure_ascii=False, indent=2))
+        print(json.dumps({"report_id": report.id, "path": str(report_dir(settings, report)), **report.summary},
+                         ensure_ascii=False, indent=2))
     return 0
 
 

@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -15,6 +16,29 @@ def utcnow() -> datetime:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python, on every database.
+
+    SQLite stores no offset and hands back naive datetimes; PostgreSQL's timestamptz hands back the
+    session's zone. Values are converted to UTC on the way in and marked UTC on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: store timezone-aware UTC times (app.models.utcnow)")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -35,7 +59,7 @@ class Dataset(Base):
     stats: Mapped[dict] = mapped_column(JSON)  # imbalance and token figures
     system_prompt: Mapped[str] = mapped_column(Text)  # stored once per dataset, not per row
     size_bytes: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Job(Base):
@@ -58,12 +82,12 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_id: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     model_id: Mapped[str | None] = mapped_column(String(40))
     report_id: Mapped[str | None] = mapped_column(String(40))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class JobEvent(Base):
@@ -71,7 +95,7 @@ class JobEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     kind: Mapped[str] = mapped_column(String(40))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -87,12 +111,14 @@ class FineTunedModel(Base):
     __table_args__ = (UniqueConstraint("job_id", name="uq_models_job_id"),)
     job_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("jobs.id"))
     dataset_id: Mapped[str | None] = mapped_column(String(40))
-    adapter_path: Mapped[str] = mapped_column(String(500))
+    adapter_path: Mapped[str] = mapped_column(String(500))  # relative to DATA_DIR (Settings.stored_path)
     label_set: Mapped[list] = mapped_column(JSON)
     system_prompt: Mapped[str] = mapped_column(Text)
-    quantization: Mapped[str] = mapped_column(String(20))
+    quantization: Mapped[str] = mapped_column(String(20))  # as trained: the base is served the same way
+    # Dialogues are cut to this many prompt tokens in training, and so in serving (None: the serving limit).
+    max_input_length: Mapped[int | None] = mapped_column(Integer)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Report(Base):
@@ -104,9 +130,9 @@ class Report(Base):
     __table_args__ = (UniqueConstraint("job_id", name="uq_reports_job_id"),)  # one report per job
     job_id: Mapped[str | None] = mapped_column(String(40))
     mode: Mapped[str] = mapped_column(String(20))
-    path: Mapped[str] = mapped_column(String(500))
+    path: Mapped[str] = mapped_column(String(500))  # relative to DATA_DIR (Settings.stored_path)
     summary: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class WorkerRow(Base):
@@ -118,8 +144,8 @@ class WorkerRow(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:random, as in jobs.worker_id
     hostname: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     current_job_id: Mapped[str | None] = mapped_column(String(40))
 
 

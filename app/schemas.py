@@ -319,6 +319,24 @@ class ReportOut(BaseModel):
     confusion_matrix_url: str
 
 
+class WrongPredictionOut(BaseModel):
+    index: int = Field(description="Position of the dialogue in the evaluated dataset")
+    text: str
+    true_id: int
+    true_label: str
+    pred_id: int
+    pred_label: str
+    confidence: float | None = None
+
+
+class FailedPredictionOut(BaseModel):
+    index: int = Field(description="Position of the dialogue in the evaluated dataset")
+    text: str
+    true_id: int
+    true_label: str
+    raw_output: str | None = Field(None, description="The generated answer that named no label")
+
+
 class ReportDetailOut(ReportOut):
     metrics: dict[str, Any] = Field(description="accuracy, macro/weighted F1, per class, confused pairs, timing")
 

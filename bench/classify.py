@@ -126,14 +126,13 @@ def _prepare_service_dir(service_dir: Path, base_model_name: str, base_model_dir
 def _register_adapter(settings, adapter: AdapterUnderTest) -> str:
     """Insert the adapter into the service database the way a finished training job registers its model."""
     from app.core.db import session_factory
-    from app.models import FineTunedModel
+    from app.services.models import register_adapter
 
     with session_factory(settings)() as session:
-        session.add(FineTunedModel(
-            id=BENCH_MODEL_ID, name="benchmark adapter", base_model=adapter.base_model, job_id=None, dataset_id=None,
-            adapter_path=str(Path(adapter.adapter_dir).resolve()), label_set=adapter.label_set.to_pairs(),
-            system_prompt=adapter.system_prompt, quantization=adapter.quantization, metrics={},
-        ))
+        register_adapter(session, settings, model_id=BENCH_MODEL_ID, name="benchmark adapter",
+                         base_model=adapter.base_model, adapter_dir=Path(adapter.adapter_dir),
+                         label_set=adapter.label_set.to_pairs(), system_prompt=adapter.system_prompt,
+                         quantization=adapter.quantization, max_input_length=adapter.max_input_length)
         session.commit()
     return BENCH_MODEL_ID
 

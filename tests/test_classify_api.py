@@ -9,7 +9,7 @@ import pytest
 from app.core.db import session_scope
 from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.domain.prompt import build_system_prompt
-from app.models import FineTunedModel
+from app.services.models import register_adapter
 from tests.ml.conftest import make_random_lora_adapter
 
 TEXTS = ["您好请讲[SEP]我要开通流量包", "您好[SEP]这个月怎么多扣了我五十块钱", "您好请讲[SEP]宽带老是断网[SEP]学校宿舍"]
@@ -24,10 +24,10 @@ def two_adapters(client, settings):
     with session_scope(settings) as session:
         for seed in (1, 2):
             adapter_dir = make_random_lora_adapter(base_dir, settings.data_dir / f"adapter{seed}", seed)
-            model = FineTunedModel(id=f"ft_test{seed}", name=f"random-{seed}", base_model="tiny-glm4",
-                                   adapter_path=str(adapter_dir), label_set=CMCC34_LABEL_SET.to_pairs(),
-                                   system_prompt=build_system_prompt(CMCC34_LABEL_SET), quantization="none")
-            session.add(model)
+            model = register_adapter(session, settings, model_id=f"ft_test{seed}", name=f"random-{seed}",
+                                     base_model="tiny-glm4", adapter_dir=adapter_dir,
+                                     label_set=CMCC34_LABEL_SET.to_pairs(), max_input_length=None,
+                                     system_prompt=build_system_prompt(CMCC34_LABEL_SET), quantization="none")
             ids.append(model.id)
     return ids
 

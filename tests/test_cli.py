@@ -10,7 +10,7 @@ import sys
 from app.core.db import session_scope
 from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.domain.prompt import build_system_prompt
-from app.models import FineTunedModel
+from app.services.models import register_adapter
 from tests.conftest import upload
 from tests.ml.conftest import make_random_lora_adapter
 
@@ -26,9 +26,9 @@ def test_cli_classify_and_evaluate(client, settings, sample_csv):
 
     adapter = make_random_lora_adapter(resolve_base_model("tiny-glm4", settings), settings.data_dir / "adapter", 5)
     with session_scope(settings) as session:
-        session.add(FineTunedModel(id="ft_cli", name="cli", base_model="tiny-glm4", adapter_path=str(adapter),
-                                   label_set=CMCC34_LABEL_SET.to_pairs(), quantization="none",
-                                   system_prompt=build_system_prompt(CMCC34_LABEL_SET)))
+        register_adapter(session, settings, model_id="ft_cli", name="cli", base_model="tiny-glm4", adapter_dir=adapter,
+                         label_set=CMCC34_LABEL_SET.to_pairs(), quantization="none", max_input_length=None,
+                         system_prompt=build_system_prompt(CMCC34_LABEL_SET))
     dataset_id = upload(client, sample_csv).json()["id"]
 
     classified = _cli(settings, "classify", "--model", "ft_cli", stdin="您好请讲[SEP]我要开通流量包\n您好[SEP]帮我取消彩铃\n")

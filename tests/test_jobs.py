@@ -12,7 +12,7 @@ import pytest
 
 from app.core.db import run_migrations, session_scope
 from app.models import Dataset, Job, JobEvent, new_id, utcnow
-from app.services import jobs as job_service
+from app.services import queue
 from tests.conftest import upload
 
 
@@ -100,15 +100,15 @@ def _claim_until_empty(data_dir: str, out_path: str) -> None:
     from app.core.config import Settings
 
     settings = Settings(data_dir=data_dir)
-    worker_id = job_service.worker_identity()
+    worker_id = queue.worker_identity()
     claimed = []
     while True:
         with session_scope(settings) as session:
-            job = job_service.claim_next_job(session, worker_id)
+            job = queue.claim_next_job(session, worker_id)
             if job is None:
                 break
             claimed.append(job.id)
-            job_service.finish_job(session, job.id, "succeeded")
+            queue.finish_job(session, job.id, "succeeded")
     with open(out_path, "w") as out:
         out.write("\n".join(claimed))
 
@@ -143,7 +143,7 @@ def test_job_of_a_dead_worker_is_requeued_then_failed_after_max_attempts(setting
     stale = _insert_jobs(settings, 1, status="running", worker_id="elsewhere:1:x", attempts=1,
                          heartbeat_at=utcnow() - timedelta(seconds=settings.worker_stale_seconds + 5))[0]
     with session_scope(settings) as session:
-        recovered = job_service.recover_orphaned_jobs(session, settings)
+        recovered = queue.recover_orphaned_jobs(session, settings)
     assert sorted(recovered) == sorted([requeue, give_up, stale])
     with session_scope(settings) as session:
         status = {j.id: (j.status, j.error_code) for j in session.query(Job).all()}

@@ -66,12 +66,21 @@ class Settings(BaseSettings):
         return self.data_dir / "jobs"
 
     @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"
-
-    @property
     def base_models_dir(self) -> Path:
         return self.base_models_dir_override or self.data_dir / "base_models"
+
+    def stored_path(self, path: Path | str) -> str:
+        """How a file under DATA_DIR is stored in the database: relative to DATA_DIR, so that moving
+        DATA_DIR (another volume, another host's mount point) keeps every row valid."""
+        path = Path(path).resolve()
+        try:
+            return path.relative_to(self.data_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path)  # outside DATA_DIR (a local adapter folder): kept as it is
+
+    def resolve_stored_path(self, stored: str) -> Path:
+        """The file a stored path names today (absolute paths of older rows are taken as they are)."""
+        return self.data_dir / stored if not Path(stored).is_absolute() else Path(stored)
 
     @property
     def reports_dir(self) -> Path:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from filelock import FileLock
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -63,10 +63,5 @@ def run_migrations(settings: Settings) -> None:
     cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
     cfg.set_main_option("sqlalchemy.url", settings.sqlalchemy_url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
-    lock_path = Path(settings.data_dir) / ".migrate.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            command.upgrade(cfg, "head")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(Path(settings.data_dir) / ".migrate.lock"):
+        command.upgrade(cfg, "head")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.domain.artifacts import LOSS_CURVE_FILENAME
 from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.domain.prompt import LabelSet, build_system_prompt
-from app.models import FineTunedModel
+from app.models import FineTunedModel, Job, new_id
 from app.services.errors import NotFoundError, UnprocessableError
 from app.services.rows import get_row
 
@@ -24,6 +24,13 @@ def get_adapter(session: Session, model_id: str) -> FineTunedModel:
     return get_row(session, FineTunedModel, model_id, "model")
 
 
+def loss_curve_file(settings: Settings, model: FineTunedModel) -> Path:
+    path = settings.resolve_stored_path(model.adapter_path) / LOSS_CURVE_FILENAME
+    if not path.is_file():
+        raise NotFoundError(f"model '{model.id}' has no loss curve")
+    return path
+
+
 def list_base_models(settings: Settings) -> list[dict]:
     from app.ml.models.registry import list_base_models as registry_listing
 
@@ -32,15 +39,13 @@ def list_base_models(settings: Settings) -> list[dict]:
 
 def resolve_model_ref(session: Session, settings: Settings, model: str, *, labels: list | None = None):
     """A ModelRef for a fine-tuned adapter id or, for zero-shot, a base model name."""
-    from app.ml.models.registry import BaseModelError, get_spec, resolve_base_model
     from app.ml.infer.classifier import ModelRef
+    from app.ml.models.registry import BaseModelError, get_spec, resolve_base_model
 
     adapter = session.get(FineTunedModel, model)
     try:
         if adapter is not None:
-            return adapter_model_ref(settings, model_id=adapter.id, base_model=adapter.base_model,
-                                     adapter_dir=Path(adapter.adapter_path), system_prompt=adapter.system_prompt,
-                                     label_set=adapter.label_set)
+            return adapter_model_ref(settings, adapter)
         get_spec(model, settings)
         label_set = LabelSet.from_pairs(labels) if labels else CMCC34_LABEL_SET
         base_dir = resolve_base_model(model, settings)
@@ -52,37 +57,72 @@ def resolve_model_ref(session: Session, settings: Settings, model: str, *, label
                                  field="model") from None
 
 
-def adapter_model_ref(settings: Settings, *, model_id: str, base_model: str, adapter_dir: Path, system_prompt: str,
-                      label_set: list):
-    """A ModelRef for an adapter folder (registered, or just trained and evaluated before it is registered).
+def adapter_model_ref(settings: Settings, model: FineTunedModel):
+    """A ModelRef for an adapter, served as it was trained: its row (registered, or built but not yet
+    stored, for the validation run of the job that trained it) is the one source of its serving settings.
 
     Raises BaseModelError when its base model cannot be had."""
-    from app.ml.models.registry import resolve_base_model
     from app.ml.infer.classifier import ModelRef
+    from app.ml.models.registry import resolve_base_model
 
+    adapter_dir = settings.resolve_stored_path(model.adapter_path)
     if not adapter_dir.is_dir():
-        raise NotFoundError(f"model '{model_id}': adapter files are missing at {adapter_dir}")
-    trained_with = _training_config(adapter_dir)
+        raise NotFoundError(f"model '{model.id}': adapter files are missing at {adapter_dir}")
     return ModelRef(
-        key=model_id, version=f"{model_id}:{_mtime(adapter_dir)}",
-        base_model_dir=resolve_base_model(base_model, settings),
-        adapter_dir=adapter_dir, system_prompt=system_prompt,
-        label_set=LabelSet.from_pairs(label_set),
-        # one base model in memory serves every adapter on it: 4-bit where "auto" picks it
-        quantization="auto",
+        key=model.id, version=f"{model.id}:{_mtime(adapter_dir)}",
+        base_model_dir=resolve_base_model(model.base_model, settings),
+        adapter_dir=adapter_dir, system_prompt=model.system_prompt,
+        label_set=LabelSet.from_pairs(model.label_set),
+        # the base is loaded as in training (a 4-bit-trained adapter on a 4-bit base)
+        quantization=model.quantization,
         # dialogues are cut at serving exactly as they were in training (a recipe without a limit: the
         # serving limit)
-        max_input_length=trained_with.get("max_input_length") or settings.classify_max_input_length,
+        max_input_length=model.max_input_length or settings.classify_max_input_length,
     )
-
-
-def _training_config(adapter_dir: Path) -> dict:
-    meta = adapter_dir / "intent_tuner.json"
-    if not meta.is_file():
-        return {}
-    return json.loads(meta.read_text(encoding="utf-8")).get("training_config") or {}
 
 
 def _mtime(path: Path) -> int:
     weights = path / "adapter_model.safetensors"
     return int(weights.stat().st_mtime_ns) if weights.exists() else 0
+
+
+def planned_model_id(session: Session, job: Job) -> str:
+    """The id the model of training job ``job`` has or will have: fixed by the job, so that the report an
+    evaluation writes before registration, and a job run again, name the same model."""
+    existing = session.scalar(select(FineTunedModel.id).where(FineTunedModel.job_id == job.id))
+    return existing or f"ft_{job.id.removeprefix('job_')}"
+
+
+def adapter_row(settings: Settings, *, base_model: str, adapter_dir: Path, label_set: list, system_prompt: str,
+                quantization: str, max_input_length: int | None, metrics: dict | None = None,
+                job: Job | None = None, model_id: str | None = None, name: str | None = None,
+                dataset_id: str | None = None, session: Session | None = None) -> FineTunedModel:
+    """The model row of an adapter folder, not added to any session. A training job's adapter gets the
+    job's planned id; its folder is stored relative to DATA_DIR (moving DATA_DIR keeps every row valid)."""
+    if model_id is None:
+        model_id = planned_model_id(session, job) if job is not None and session is not None else new_id("ft")
+    dataset_id = dataset_id or (job.dataset_id if job is not None else None)
+    return FineTunedModel(
+        id=model_id, name=name or f"{base_model}-{dataset_id or model_id}", base_model=base_model,
+        job_id=job.id if job is not None else None, dataset_id=dataset_id,
+        adapter_path=settings.stored_path(adapter_dir), label_set=[list(pair) for pair in label_set],
+        system_prompt=system_prompt, quantization=quantization, max_input_length=max_input_length,
+        metrics=metrics or {},
+    )
+
+
+def register_adapter(session: Session, settings: Settings, **fields) -> FineTunedModel:
+    """Register an adapter folder as a servable model (fields: ``adapter_row``'s); not committed.
+
+    The one way a model row is made, by the worker, the benchmarks and the tests alike. Idempotent per
+    training job: a job run again after its worker died gets the row it already has (models.job_id is
+    unique)."""
+    job = fields.get("job")
+    if job is not None:
+        existing = session.scalar(select(FineTunedModel).where(FineTunedModel.job_id == job.id))
+        if existing is not None:
+            return existing
+    model = adapter_row(settings, session=session, **fields)
+    session.add(model)
+    session.flush()
+    return model

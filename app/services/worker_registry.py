@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.models import Job, WorkerRow, utcnow
-from app.services.jobs import as_utc, pid_dead_here
+from app.services.queue import pid_dead_here
 
 FORGET_AFTER = timedelta(days=1)  # rows of workers not seen for this long are dropped
 
@@ -28,7 +28,7 @@ def touch_worker(session: Session, worker_id: str, current_job_id: str | None = 
         session.add(WorkerRow(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now,
                               last_seen_at=now, current_job_id=current_job_id))
         gone = [row.id for row in session.scalars(select(WorkerRow).where(WorkerRow.id != worker_id))
-                if pid_dead_here(row.id) or as_utc(row.last_seen_at) < now - FORGET_AFTER]
+                if pid_dead_here(row.id) or row.last_seen_at < now - FORGET_AFTER]
         if gone:  # workers of this host that died (their jobs are recovered by heartbeat/pid) or long silent
             session.execute(delete(WorkerRow).where(WorkerRow.id.in_(gone)))
     session.commit()
@@ -46,14 +46,14 @@ def health_summary(session: Session, settings: Settings) -> dict:
     workers = []
     for row in session.scalars(select(WorkerRow).where(WorkerRow.last_seen_at >= now - FORGET_AFTER)
                                .order_by(WorkerRow.last_seen_at.desc())):
-        seen = as_utc(row.last_seen_at)
+        seen = row.last_seen_at
         workers.append({
             "id": row.id, "hostname": row.hostname, "pid": row.pid, "current_job_id": row.current_job_id,
             "last_seen_seconds_ago": round((now - seen).total_seconds(), 3),
             "alive": seen >= stale_before and not pid_dead_here(row.id),
         })
     counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-    oldest_queued = as_utc(session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued")))
+    oldest_queued = session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
     stale_running = session.scalar(select(func.count()).select_from(Job).where(
         Job.status == "running", (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < stale_before)))
     live = sum(w["alive"] for w in workers)

@@ -14,8 +14,8 @@ from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
 from app.domain.prompt import build_system_prompt
+from app.domain.artifacts import ADAPTER_METADATA_FILENAME
 from app.ml.train.trainer import (
-    METADATA_FILENAME,
     TrainingHooks,
     latest_checkpoint,
     save_adapter,
@@ -110,11 +110,11 @@ def test_adapter_directory_holds_weights_tokenizer_and_metadata(full_run):
     assert "warning" not in recorder.kinds()
     adapter = result.adapter_dir
     assert adapter == job_dir / "adapter"
-    names = ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", METADATA_FILENAME,
+    names = ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", ADAPTER_METADATA_FILENAME,
              "loss_curve.png")
     for name in names:
         assert (adapter / name).is_file(), name
-    meta = json.loads((adapter / METADATA_FILENAME).read_text(encoding="utf-8"))
+    meta = json.loads((adapter / ADAPTER_METADATA_FILENAME).read_text(encoding="utf-8"))
     assert meta["system_prompt"] == SYSTEM_PROMPT
     assert meta["label_set"] == CMCC34_LABEL_SET.to_pairs()
     assert meta["base_model"] == "tiny-glm4" and meta["quantization"] == "none"
@@ -157,7 +157,7 @@ def test_saved_adapter_reloads_with_identical_logits(tiny_model_dir, tmp_path):
     reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
-    assert json.loads((tmp_path / "adapter" / METADATA_FILENAME).read_text())["x"] == 1
+    assert json.loads((tmp_path / "adapter" / ADAPTER_METADATA_FILENAME).read_text())["x"] == 1
 
 
 def test_cancel_stops_within_a_step_and_resume_continues_exactly(tiny_model_dir, records, tmp_path, full_run):

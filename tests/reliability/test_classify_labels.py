@@ -11,7 +11,7 @@ import json
 import pytest
 
 from app.core.db import session_scope
-from app.models import FineTunedModel
+from app.services.models import register_adapter
 
 TEXT = "您好请讲[SEP]我要开通流量包"
 
@@ -57,9 +57,9 @@ def test_labels_for_a_fine_tuned_model_are_refused_not_ignored(client, settings)
     adapter_dir = settings.data_dir / "adapter"
     adapter_dir.mkdir(parents=True)
     with session_scope(settings) as session:
-        session.add(FineTunedModel(id="ft_labels", name="m", base_model="tiny-glm4", adapter_path=str(adapter_dir),
-                                   label_set=[[0, "办理开通"], [1, "办理取消"]], system_prompt="p",
-                                   quantization="none"))
+        register_adapter(session, settings, model_id="ft_labels", name="m", base_model="tiny-glm4",
+                         adapter_dir=adapter_dir, label_set=[[0, "办理开通"], [1, "办理取消"]], system_prompt="p",
+                         quantization="none", max_input_length=None)
     response = client.post("/classify", json={"model": "ft_labels", "text": TEXT, "labels": [[5, "投诉"]]})
     assert response.status_code == 422 and response.json()["detail"]["field"] == "labels", response.text
 

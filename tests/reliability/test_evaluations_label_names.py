@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from app.core.db import session_scope
-from app.models import FineTunedModel
+from app.services.models import register_adapter
 from tests.conftest import upload
 
 
@@ -27,8 +27,9 @@ def model_id(client, settings):
     adapter_dir = settings.data_dir / "adapters" / "ft_names"
     adapter_dir.mkdir(parents=True)
     with session_scope(settings) as session:
-        session.add(FineTunedModel(id="ft_names", name="m", base_model="tiny-glm4", adapter_path=str(adapter_dir),
-                                   label_set=MODEL_LABELS, system_prompt="p", quantization="none"))
+        register_adapter(session, settings, model_id="ft_names", name="m", base_model="tiny-glm4",
+                         adapter_dir=adapter_dir, label_set=MODEL_LABELS, system_prompt="p", quantization="none",
+                         max_input_length=None)
     return "ft_names"
 
 

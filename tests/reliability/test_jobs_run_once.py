@@ -14,7 +14,7 @@ from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
 from app.domain.prompt import LabelSet, build_system_prompt
 from app.models import Dataset, FineTunedModel, Job, JobEvent, new_id, utcnow
-from app.services import jobs as job_service
+from app.services import queue
 from tests.reliability._jobs_support import make_datasets
 
 pytestmark = pytest.mark.timeout(600)
@@ -93,22 +93,23 @@ def test_a_job_handed_to_another_worker_keeps_nothing_from_the_first(settings):
     with session_scope(settings) as session:
         session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=settings.worker_stale_seconds + 1)
     with session_scope(settings) as session:
-        assert job_service.recover_orphaned_jobs(session, settings) == [job_id]
-        assert job_service.claim_next_job(session, "elsewhere:2:second").id == job_id
+        assert queue.recover_orphaned_jobs(session, settings) == [job_id]
+        assert queue.claim_next_job(session, "elsewhere:2:second").id == job_id
 
-    model = dict(adapter_path="/nowhere", label_set=[[0, "a"]], system_prompt="p", quantization="none", metrics={})
+    model = dict(base_model="tiny-glm4", adapter_dir=settings.jobs_dir / job_id / "adapter", label_set=[[0, "a"]],
+                 system_prompt="p", quantization="none", max_input_length=None, metrics={})
     with session_scope(settings) as session:
-        assert job_service.heartbeat(session, job_id, "elsewhere:1:first") is True  # stop: not yours any more
-        assert job_service.complete_job(session, job_id, "elsewhere:1:first", model=model) is False
-        assert job_service.finish_job(session, job_id, "failed", worker_id="elsewhere:1:first",
+        assert queue.heartbeat(session, job_id, "elsewhere:1:first") is True  # stop: not yours any more
+        assert queue.complete_job(session, settings, job_id, "elsewhere:1:first", model=model) is False
+        assert queue.finish_job(session, job_id, "failed", worker_id="elsewhere:1:first",
                                       error_code="x", error_message="late") is False
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
         assert (job.status, job.worker_id, job.model_id) == ("running", "elsewhere:2:second", None)
         assert session.query(FineTunedModel).count() == 0
-        assert job_service.heartbeat(session, job_id, "elsewhere:2:second") is False
-        assert job_service.complete_job(session, job_id, "elsewhere:2:second", model=model) is True
-        assert job_service.complete_job(session, job_id, "elsewhere:2:second", model=model) is False
+        assert queue.heartbeat(session, job_id, "elsewhere:2:second") is False
+        assert queue.complete_job(session, settings, job_id, "elsewhere:2:second", model=model) is True
+        assert queue.complete_job(session, settings, job_id, "elsewhere:2:second", model=model) is False
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
         models = session.query(FineTunedModel).all()

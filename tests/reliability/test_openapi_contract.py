@@ -25,7 +25,7 @@ from app.ml.eval.files import write_report
 from app.ml.eval.metrics import build_report
 from app.ml.eval.plots import plot_loss_curve
 from app.domain.prompt import LabelSet, build_system_prompt
-from app.models import FineTunedModel
+from app.services.models import register_adapter
 from app.services import reports as report_service
 from tests.conftest import upload
 
@@ -66,18 +66,18 @@ def api(tmp_path_factory):
         csv = "sentence_sep,c_numerical,label_raw\n您好[SEP]取消彩铃,0,办理取消\n您好[SEP]开通流量,1,办理开通\n"
         seeded["dataset_id"] = upload(client, csv.encode()).json()["id"]
         seeded["job_id"] = client.post("/jobs", json={"dataset_id": seeded["dataset_id"]}).json()["id"]
-    adapter_dir = settings.models_dir / "ft_contract"
+    adapter_dir = settings.data_dir / "adapters" / "ft_contract"
     adapter_dir.mkdir(parents=True)
     plot_loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], adapter_dir / "loss_curve.png")
     report = build_report(y_true=[0, 1], y_pred=[0, 0], label_set=LABELS, texts=["a", "b"],
                           raw_outputs=[None, None], elapsed_seconds=1.0, mode="score", confidences=[0.9, 0.6])
     with session_scope(settings) as session:
-        session.add(FineTunedModel(id="ft_contract", name="contract", base_model="tiny-glm4",
-                                   adapter_path=str(adapter_dir), label_set=LABELS.to_pairs(),
-                                   system_prompt=build_system_prompt(LABELS), quantization="none"))
+        register_adapter(session, settings, model_id="ft_contract", name="contract", base_model="tiny-glm4",
+                         adapter_dir=adapter_dir, label_set=LABELS.to_pairs(), max_input_length=None,
+                         system_prompt=build_system_prompt(LABELS), quantization="none")
         report_id, report_dir = report_service.new_report_dir(settings)
         write_report(report, report_dir)
-        report_service.record_report(session, report_id=report_id, report_dir=report_dir, report=report,
+        report_service.record_report(session, settings, report_id=report_id, report_dir=report_dir, report=report,
                                      model_id="ft_contract", dataset_id=seeded["dataset_id"], job_id=None)
     seeded.update(model_id="ft_contract", report_id=report_id)
     yield schemathesis.openapi.from_asgi("/openapi.json", app), seeded

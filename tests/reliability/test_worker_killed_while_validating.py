@@ -69,8 +69,7 @@ def test_worker_killed_while_validating_resumes_with_the_evaluation(client, sett
     models = [m for m in client.get("/models").json()["adapters"] if m["job_id"] == job_id]
     assert [m["id"] for m in models] == [job["model_id"]], "one model per training job"
     assert job["progress"]["step"] == MAX_STEPS
-    checkpoints = settings.jobs_dir / job_id / "checkpoints"
-    assert max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")) == MAX_STEPS
+    assert not (settings.jobs_dir / job_id / "checkpoints").exists()  # removed once the model is registered
     meta = json.loads((settings.jobs_dir / job_id / "adapter" / "intent_tuner.json").read_text(encoding="utf-8"))
     assert meta["metrics"]["global_step"] == MAX_STEPS
 

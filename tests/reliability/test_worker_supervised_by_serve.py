@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import subprocess
 import sys
 from datetime import timedelta
@@ -166,14 +167,15 @@ def test_a_job_run_in_process_does_not_count_as_a_live_worker(client, settings):
     from app.services import jobs as job_service
     from tests.conftest import upload
     from app.data.sample import generate_sample_dialogues, to_cmcc_csv
-    from workers.worker import Worker
+    from app.services import pipelines, queue
 
     dataset = upload(client, to_cmcc_csv(generate_sample_dialogues(1, seed=3, labels=[0, 1])).encode()).json()["id"]
-    worker = Worker(settings)
+    worker_id = queue.worker_identity()
     with session_scope(settings) as session:
         job_id = job_service.create_evaluation_job(session, settings, model="tiny-glm4", dataset_id=dataset,
-                                                   mode="score", claimed_by=worker.worker_id).id
-    worker.run_one(job_id)
+                                                   mode="score", claimed_by=worker_id).id
+    pipelines.run_claimed_job(settings, job_id, worker_id, classifiers=pipelines.Classifiers(settings),
+                              shutdown=threading.Event(), announce=False)
     assert client.get(f"/evaluations/{job_id}").json()["status"] == "succeeded"
     with session_scope(settings) as session:
         assert session.query(WorkerRow).count() == 0

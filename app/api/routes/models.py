@@ -1,5 +1,3 @@
-from pathlib import Path
-
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
@@ -8,7 +6,6 @@ from app.api.errors import error_responses
 from app.api.presenters import adapter_out
 from app.schemas import BaseModelOut, FineTunedModelOut, ModelsOut
 from app.services import models as service
-from app.services.errors import NotFoundError
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -30,8 +27,5 @@ def get_model(model_id: str, session: SessionDep) -> FineTunedModelOut:
 
 @router.get("/{model_id}/loss_curve.png", response_class=FileResponse,
             responses={**_PNG, **error_responses(404, 422)})
-def loss_curve(model_id: str, session: SessionDep) -> FileResponse:
-    path = Path(service.get_adapter(session, model_id).adapter_path) / "loss_curve.png"
-    if not path.is_file():
-        raise NotFoundError(f"model '{model_id}' has no loss curve")
-    return FileResponse(path, media_type="image/png")
+def loss_curve(model_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    return FileResponse(service.loss_curve_file(settings, service.get_adapter(session, model_id)), media_type="image/png")

@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from app.domain.artifacts import (
+    CONFUSION_MATRIX_FILENAME,
+    REPORT_DETAIL_FILENAME,
+    REPORT_ERRORS_FILENAME,
+    REPORT_FAILED_FILENAME,
+    REPORT_RESULTS_FILENAME,
+)
 from app.domain.prompt import LabelSet
 
 
@@ -25,10 +32,10 @@ def write_report(report: dict, report_dir: Path, label_set: LabelSet | None = No
     report_dir.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in report.items() if k not in _DETAIL_KEYS and k not in _LIST_KEYS}
     files = {
-        "results": (report_dir / "results.json", metrics),
-        "failed_predictions": (report_dir / "failed_predictions.json", report["failed_predictions"]),
-        "error_predictions": (report_dir / "error_predictions.json", report["wrong_predictions"]),
-        "detailed_analysis": (report_dir / "detailed_analysis.json", {k: report[k] for k in _DETAIL_KEYS}),
+        "results": (report_dir / REPORT_RESULTS_FILENAME, metrics),
+        "failed_predictions": (report_dir / REPORT_FAILED_FILENAME, report["failed_predictions"]),
+        "error_predictions": (report_dir / REPORT_ERRORS_FILENAME, report["wrong_predictions"]),
+        "detailed_analysis": (report_dir / REPORT_DETAIL_FILENAME, {k: report[k] for k in _DETAIL_KEYS}),
     }
     written: dict[str, Path] = {}
     for name, (path, payload) in files.items():
@@ -36,5 +43,5 @@ def write_report(report: dict, report_dir: Path, label_set: LabelSet | None = No
         written[name] = path
     if label_set is None:
         label_set = LabelSet.from_pairs([(c["intent_id"], c["label"]) for c in report["per_class"]])
-    written["confusion_matrix"] = plot_confusion_matrix(report["confusion_matrix"], label_set, report_dir / "confusion_matrix.png")
+    written["confusion_matrix"] = plot_confusion_matrix(report["confusion_matrix"], label_set, report_dir / CONFUSION_MATRIX_FILENAME)
     return written

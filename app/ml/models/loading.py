@@ -49,6 +49,12 @@ class LoadedModel:
     device: torch.device
 
 
+def release_accelerator_memory() -> None:
+    """Hand cached accelerator memory back after models were dropped (the next model may need all of it)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(device: str | None) -> torch.device:
     """``device`` if given, else CUDA when available, else the CPU."""
     if device:

@@ -36,6 +36,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from app.data.formats import Record
+from app.domain.artifacts import (
+    ADAPTER_DIRNAME,
+    ADAPTER_METADATA_FILENAME,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIRNAME,
+    LOSS_CURVE_FILENAME,
+)
 from app.ml.text.encoding import ChatCollator, EncodedDataset, encode_dataset
 from app.domain.prompt import LabelSet, format_answer
 from app.ml.train.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
@@ -43,11 +50,6 @@ from app.ml.train.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIRNAME = "adapter"
-CHECKPOINTS_DIRNAME = "checkpoints"
-METADATA_FILENAME = "intent_tuner.json"
-LOSS_CURVE_FILENAME = "loss_curve.png"
-_CHECKPOINT_PREFIX = "checkpoint-"
 _TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence marks a complete checkpoint
 
 
@@ -95,21 +97,21 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
         return None
     complete = []
     for path in checkpoints_dir.iterdir():
-        suffix = path.name.removeprefix(_CHECKPOINT_PREFIX)
-        if path.is_dir() and path.name.startswith(_CHECKPOINT_PREFIX) and suffix.isdigit():
+        suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
             if (path / _TRAINER_STATE).is_file():
                 complete.append((int(suffix), path))
     return max(complete)[1] if complete else None
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix(_CHECKPOINT_PREFIX))
+    return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
 
 
 def finished_training(job_dir: Path) -> TrainingResult | None:
     """The result of a training that already finished in ``job_dir`` (its adapter is in place), else None."""
     adapter_dir = Path(job_dir) / ADAPTER_DIRNAME
-    meta_path = adapter_dir / METADATA_FILENAME
+    meta_path = adapter_dir / ADAPTER_METADATA_FILENAME
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -222,7 +224,7 @@ class _ProgressCallback(TrainerCallback):
         self.hooks.on_log(record)
 
     def on_save(self, args, state, control, **kwargs):
-        path = self.checkpoints_dir / f"{_CHECKPOINT_PREFIX}{state.global_step}"
+        path = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         self.hooks.on_event("checkpoint_saved", f"checkpoint saved at step {state.global_step}",
                             {"step": state.global_step, "path": str(path)})
 
@@ -471,7 +473,7 @@ def save_adapter(model, tokenizer, adapter_dir: Path, *, metadata: dict) -> None
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
-    (adapter_dir / METADATA_FILENAME).write_text(
+    (adapter_dir / ADAPTER_METADATA_FILENAME).write_text(
         json.dumps(metadata, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
     )
 

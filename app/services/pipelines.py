@@ -1,0 +1,269 @@
+"""The use cases a worker runs: train → evaluate on the validation set → register, and evaluate a model.
+
+Same ml code as the API (``app.ml``), state through the services. ``run_claimed_job`` takes a job this
+process claimed to its end: a heartbeat thread keeps it alive and turns a cancel request (or the loss
+of the job to another worker) into a stop at the next step; what the job produced is stored only when
+it succeeds; a crash fails it, never leaves it ``running``; a shutdown requeues it to resume from its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.domain.artifacts import CHECKPOINTS_DIRNAME
+from app.ml.train.config import TrainingConfig
+from app.services import datasets as dataset_service
+from app.services import jobs as job_service
+from app.services import queue
+from app.services import reports as report_service
+from app.services import worker_registry
+from app.services.errors import ServiceError
+from app.services.models import adapter_model_ref, adapter_row, resolve_model_ref
+
+log = logging.getLogger("intent_tuner.worker")
+
+
+class JobFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class JobOutcome:
+    """What a job produced, stored only when the job succeeds (app.services.queue.complete_job)."""
+
+    model: dict | None = None  # register_adapter's fields
+    report: dict | None = None  # record_report's fields
+
+
+class Classifiers:
+    """The one classifier registry of a process that runs jobs: made on first use, released before a
+    training run so that loaded evaluation models never sit in memory beside the model being trained."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._registry = None
+
+    def get(self):
+        if self._registry is None:
+            from app.ml.infer.classifier import ClassifierRegistry
+
+            self._registry = ClassifierRegistry(max_adapters=self.settings.adapter_cache_size,
+                                                device=self.settings.device)
+        return self._registry
+
+    def release(self) -> None:
+        if self._registry is not None:
+            self._registry.clear()
+            self._registry = None
+            import gc
+
+            gc.collect()
+            from app.ml.models.loading import release_accelerator_memory
+
+            release_accelerator_memory()
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, settings: Settings, job_id: str, worker_id: str, *, announce: bool = True):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.settings, self.job_id, self.worker_id, self.announce = settings, job_id, worker_id, announce
+        self.cancel_requested = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with session_scope(self.settings) as session:
+                    if self.announce:
+                        worker_registry.touch_worker(session, self.worker_id, self.job_id)
+                    if queue.heartbeat(session, self.job_id, self.worker_id):
+                        self.cancel_requested.set()
+            except Exception:  # a busy database must not kill the job; the next beat retries
+                log.exception("heartbeat failed")
+            self._stop.wait(self.settings.worker_heartbeat_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_claimed_job(settings: Settings, job_id: str, worker_id: str, *, classifiers: Classifiers,
+                    shutdown: threading.Event, announce: bool = True) -> str:
+    """Run job ``job_id`` (already ``running`` for ``worker_id``) to its end; returns the status it got."""
+    heartbeat = Heartbeat(settings, job_id, worker_id, announce=announce)
+    heartbeat.start()
+    should_stop = lambda: heartbeat.cancel_requested.is_set() or shutdown.is_set()  # noqa: E731
+    try:
+        outcome = run_job(settings, job_id, should_stop=should_stop, classifiers=classifiers)
+    except JobCancelled as exc:
+        if shutdown.is_set() and not heartbeat.cancel_requested.is_set():
+            # Stopped by SIGTERM, not by the user: requeue so another worker resumes it.
+            with session_scope(settings) as session:
+                queue.requeue_job(session, job_id, worker_id, "worker shut down; requeued to resume from its checkpoint")
+            return "queued"
+        return _finish(settings, job_id, worker_id, "cancelled", error_message=str(exc) or None)
+    except JobFailure as exc:
+        log.error("job %s failed: %s", job_id, exc)
+        return _finish(settings, job_id, worker_id, "failed", error_code=exc.code, error_message=str(exc))
+    except Exception as exc:  # any crash ends the job as failed, never running forever
+        log.exception("job %s crashed", job_id)
+        return _finish(settings, job_id, worker_id, "failed", error_code="internal_error",
+                       error_message=f"{type(exc).__name__}: {exc}")
+    else:
+        with session_scope(settings) as session:
+            ended = queue.complete_job(session, settings, job_id, worker_id, model=outcome.model, report=outcome.report)
+        _log_end(job_id, "succeeded", ended)
+        if ended and outcome.model is not None:
+            # The adapter is registered: its checkpoints can no longer be resumed from, only take space.
+            shutil.rmtree(settings.jobs_dir / job_id / CHECKPOINTS_DIRNAME, ignore_errors=True)
+        return "succeeded"
+    finally:
+        heartbeat.stop()
+
+
+def _finish(settings: Settings, job_id: str, worker_id: str, status: str, **kwargs) -> str:
+    with session_scope(settings) as session:
+        ended = queue.finish_job(session, job_id, status, worker_id=worker_id, **kwargs)
+    _log_end(job_id, status, ended)
+    return status
+
+
+def _log_end(job_id: str, status: str, ended: bool) -> None:
+    if ended:
+        log.info("job %s %s", job_id, status)
+    else:
+        log.warning("job %s was handed to another worker meanwhile; this run's result (%s) is dropped", job_id, status)
+
+
+def _event(settings: Settings, job_id: str, kind: str, message: str, data: dict | None = None) -> None:
+    with session_scope(settings) as session:
+        job_service.add_event(session, job_id, kind, message, data)
+    log.info("[%s] %s: %s", job_id, kind, message)
+
+
+def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool], classifiers: Classifiers) -> JobOutcome:
+    with session_scope(settings) as session:
+        job = job_service.get_job(session, job_id)
+        session.expunge(job)
+    if job.kind == "train":
+        classifiers.release()
+        return run_training(settings, job, should_stop, classifiers)
+    if job.kind == "evaluate":
+        with session_scope(settings) as session:
+            dataset = dataset_service.get_dataset(session, job.dataset_id)
+            try:
+                ref = resolve_model_ref(session, settings, job.target_model_id, labels=dataset.label_set)
+            except ServiceError as exc:
+                raise JobFailure("model_unavailable", exc.message) from None
+        report = run_evaluation(settings, job_id=job.id, ref=ref, model_id=job.target_model_id,
+                                dataset_id=job.dataset_id, mode=job.params.get("mode", "score"),
+                                should_stop=should_stop, classifiers=classifiers)
+        return JobOutcome(report=report)
+    raise JobFailure("unknown_job_kind", f"unknown job kind '{job.kind}'")
+
+
+def _resolve_base_model(settings: Settings, name: str, job_id: str):
+    from app.ml.models.registry import BaseModelError, resolve_base_model
+
+    _event(settings, job_id, "base_model", f"resolving base model '{name}' (prepared once, then cached)")
+    try:
+        return resolve_base_model(name, settings)
+    except BaseModelError as exc:
+        raise JobFailure("base_model_unavailable", str(exc)) from None
+
+
+def run_training(settings: Settings, job, should_stop: Callable[[], bool], classifiers: Classifiers) -> JobOutcome:
+    import torch
+
+    from app.ml.train.trainer import TrainingHooks, train_adapter
+
+    with session_scope(settings) as session:
+        dataset = dataset_service.get_dataset(session, job.dataset_id)
+        label_set, system_prompt = dataset_service.label_set_of(dataset), dataset.system_prompt
+    records = dataset_service.load_records(settings, job.dataset_id)
+    config = TrainingConfig(**job.hyperparameters)
+    base_dir = _resolve_base_model(settings, job.base_model, job.id)
+    job_dir = settings.jobs_dir / job.id
+
+    def on_log(metrics: dict) -> None:
+        with session_scope(settings) as session:
+            queue.set_progress(session, job.id, metrics)
+
+    hooks = TrainingHooks(
+        on_log=on_log,
+        on_event=lambda kind, message, data=None: _event(settings, job.id, kind, message, data),
+        should_stop=should_stop,
+    )
+    try:
+        result = train_adapter(base_model_dir=base_dir, base_model_name=job.base_model, records=records,
+                               label_set=label_set, system_prompt=system_prompt, config=config, job_dir=job_dir,
+                               hooks=hooks, device=settings.device)
+    except ValueError as exc:  # the trainer's own checks: data or recipe that cannot be trained as asked
+        raise JobFailure("invalid_training_input", str(exc)) from None
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise JobFailure("out_of_memory", f"{exc}; lower per_device_train_batch_size or max_input_length") from None
+    if result.cancelled:
+        raise JobCancelled(f"cancelled at step {result.steps}; checkpoints kept under {job_dir / CHECKPOINTS_DIRNAME}")
+
+    with session_scope(settings) as session:
+        job_row = job_service.get_job(session, job.id)
+        queue.set_progress(session, job.id, {"step": result.steps})
+        model = dict(base_model=job.base_model, adapter_dir=result.adapter_dir, label_set=label_set.to_pairs(),
+                     system_prompt=system_prompt, quantization=result.quantization,
+                     max_input_length=config.max_input_length,
+                     metrics={"final_loss": result.final_loss, "steps": result.steps,
+                              "train_runtime_s": result.train_runtime_s, **result.metrics})
+        # The row the model will have; stored only with the job's success (complete_job).
+        planned = adapter_row(settings, session=session, job=job_row, **model)
+        session.expunge_all()
+    report = None
+    if job.validation_dataset_id:
+        from app.ml.models.registry import BaseModelError
+
+        try:
+            ref = adapter_model_ref(settings, planned)
+        except (BaseModelError, ServiceError) as exc:
+            raise JobFailure("model_unavailable", str(exc)) from None
+        report = run_evaluation(settings, job_id=job.id, ref=ref, model_id=planned.id,
+                                dataset_id=job.validation_dataset_id, mode="score", should_stop=should_stop,
+                                classifiers=classifiers)
+    return JobOutcome(model=model, report=report)
+
+
+def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, dataset_id: str, mode: str,
+                   should_stop: Callable[[], bool], classifiers: Classifiers) -> dict:
+    """Evaluate ``ref`` on a dataset and write the report's files; returns the report's row fields (the
+    row is stored with the job's success)."""
+    from app.ml.eval.files import write_report
+    from app.ml.eval.run import evaluate_records
+
+    records = dataset_service.load_records(settings, dataset_id)
+    _event(settings, job_id, "evaluation_started", f"evaluating '{model_id}' on {len(records)} dialogues ({mode})")
+    last_write = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if should_stop():
+            raise JobCancelled(f"evaluation cancelled after {done}/{total} dialogues")
+        now = time.monotonic()
+        if now - last_write[0] > 2 or done == total:
+            last_write[0] = now
+            with session_scope(settings) as session:
+                queue.set_progress(session, job_id, {"done": done, "total": total})
+
+    report = evaluate_records(classifiers.get().get(ref), records, ref.label_set, mode=mode, progress=progress)
+    report_id, report_dir = report_service.new_report_dir(settings)
+    write_report(report, report_dir)
+    return dict(report_id=report_id, report_dir=report_dir, report=report, model_id=model_id, dataset_id=dataset_id)
