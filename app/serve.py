@@ -77,8 +77,7 @@ def main() -> int:
     for supervisor in supervisors:
         supervisor.start()
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=os.environ.get("HOST", "127.0.0.1"),
-                    port=int(os.environ.get("PORT", "8000")))
+        uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port)
     finally:
         for supervisor in supervisors:
             supervisor.stop()

@@ -152,3 +152,12 @@ def test_job_of_a_dead_worker_is_requeued_then_failed_after_max_attempts(setting
     assert status[stale] == ("queued", None)
     assert status[give_up] == ("failed", "worker_lost")
     assert status[live] == ("running", None)
+
+
+def test_an_evaluation_id_names_only_evaluation_jobs(client, sample_csv):
+    dataset_id = upload(client, sample_csv).json()["id"]
+    job_id = client.post("/jobs", json={"dataset_id": dataset_id}).json()["id"]
+    response = client.get(f"/evaluations/{job_id}")
+    assert response.status_code == 404
+    assert f"'{job_id}' is a train job" in response.json()["detail"]["message"]
+    assert client.get(f"/jobs/{job_id}").status_code == 200

@@ -225,5 +225,9 @@ def test_worker_killed_mid_job_resumes_from_checkpoint(client, settings):
     assert "recovered" in kinds
     resumed = [e for e in events if e["kind"] == "resumed"]
     assert resumed and str(killed_at) in resumed[0]["message"]
-    # the resumed run trained only the remaining steps
+    # the resumed run trained only the remaining steps: after it resumed, checkpoints were saved at every
+    # save_steps past the one it was killed after, and at no step before (a run from step 0 would save 10, 20...)
+    after = events[events.index(resumed[0]):]
+    saved = [e["data"]["step"] for e in after if e["kind"] == "checkpoint_saved"]
+    assert saved == list(range(killed_at + save_steps, max_steps + 1, save_steps))
     assert Path(settings.data_dir / "jobs" / job_id / "adapter" / "adapter_model.safetensors").is_file()

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import ErrorResponse
-from app.services.errors import ServiceError
+from app.services.errors import ServiceError, field_path
 
 _DESCRIPTIONS = {
     400: "The body could not be read (not UTF-8 JSON, or not multipart form data).",
@@ -49,17 +49,6 @@ def error_response(status_code: int, message: str, *, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """An error answer with the API's error body, e.g. from a middleware that answers before the routes."""
     return JSONResponse(error_body(message, field=field), status_code=status_code, headers=headers)
-
-
-def field_path(loc: tuple | list) -> str:
-    """``("body", "labels", 2, 0)`` → ``labels[2][0]``; the request part (body, query, path) is left out."""
-    parts = list(loc)
-    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie"):
-        parts = parts[1:]
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict]:

@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     # How many times a job orphaned by a dead worker is resumed before it is failed.
     max_job_attempts: int = 3
     device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
+    glm4_9b_path: Path | None = Field(
+        default=None, validation_alias="GLM4_9B_PATH",
+        description="A local GLM-4-9B-0414 folder (config.json, *.safetensors, tokenizer): the production base.")
+    # `make serve` / `python -m app.serve`: where the API listens.
+    host: str = Field(default="127.0.0.1", description="Interface the API binds (0.0.0.0 in a container).")
+    port: int = Field(default=8000, ge=1, le=65535)
+    # `make demo` (app.demo): the recipe, base model and step budget of its job.
+    demo_config: str = "cpu_small"
+    demo_base_model: str | None = Field(default=None, description="Default: the recipe's, else DEFAULT_BASE_MODEL.")
+    demo_max_steps: int | None = Field(default=None, ge=1, description="Overrides the recipe's max_steps.")
     # `make serve` (app.serve): how many worker processes it starts and restarts when one dies.
     serve_workers: int = Field(default=1, ge=0, description="0: the API only (workers run elsewhere).")
     worker_restart_min_seconds: float = Field(default=1.0, gt=0, description="First wait before a restart.")

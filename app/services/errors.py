@@ -1,6 +1,19 @@
 """Service-level errors; the API maps them to HTTP status codes in one place (app.main)."""
 
 
+def field_path(loc: tuple | list) -> str:
+    """A validation error's location as the API names fields: ``("body", "labels", 2, 0)`` → ``labels[2][0]``,
+    ``("hyperparameters", "target_modules", 0)`` → ``hyperparameters.target_modules[0]``; the request part
+    (body, query, path) is left out."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
 class ServiceError(Exception):
     status_code = 400
 

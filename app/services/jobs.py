@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.ml.train.config import TrainingConfig, available_configs, default_config_name, resolve_training_config
 from app.models import JOB_TERMINAL, Dataset, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
-from app.services.errors import ConflictError, NotFoundError, UnprocessableError
+from app.services.errors import ConflictError, NotFoundError, UnprocessableError, field_path
 from app.services.label_sets import check_labels_match
 from app.services.rows import get_row
 
@@ -38,7 +38,7 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         training_config, recipe_base_model = resolve_training_config(config_name, hyperparameters)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in ("hyperparameters", *first["loc"]))
+        field = field_path(("hyperparameters", *first["loc"]))
         raise UnprocessableError(f"{first['msg']}", field=field) from None
     _check_limits(training_config, dataset.n_rows, settings)
     base = base_model or recipe_base_model or settings.default_base_model
@@ -158,8 +158,13 @@ def list_jobs(session: Session, status: str | None = None, limit: int = 100) -> 
     return list(session.scalars(query))
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    return get_row(session, Job, job_id, "job")
+def get_job(session: Session, job_id: str, *, kind: str | None = None) -> Job:
+    """The job ``job_id``; with ``kind``, only a job of that kind (an evaluation id is not a training job)."""
+    job = get_row(session, Job, job_id, "job")
+    if kind is not None and job.kind != kind:
+        label = {"evaluate": "evaluation", "train": "training job"}.get(kind, f"{kind} job")
+        raise NotFoundError(f"{label} '{job_id}' not found ('{job_id}' is a {job.kind} job)")
+    return job
 
 
 def list_events(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:

@@ -137,7 +137,6 @@ def settings(tmp_path) -> Settings:
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv(base_models.GLM4_9B_ENV, raising=False)
 
 
 def gguf_logits(gguf_path: Path, input_ids):
@@ -321,14 +320,13 @@ def test_glm4_9b_offline_without_a_path_gives_a_clear_error(settings, offline):
 
 
 def test_glm4_9b_from_env_path_or_cache_copy(settings, offline, monkeypatch, tiny_model_dir, tmp_path):
-    monkeypatch.setenv("GLM4_9B_PATH", str(tiny_model_dir))
-    assert resolve_base_model("glm-4-9b-0414", settings) == Path(tiny_model_dir).resolve()
+    with_path = settings.model_copy(update={"glm4_9b_path": Path(tiny_model_dir)})
+    assert resolve_base_model("glm-4-9b-0414", with_path) == Path(tiny_model_dir).resolve()
 
-    monkeypatch.setenv("GLM4_9B_PATH", str(tmp_path))  # no config.json: an error, not a fallback
+    wrong_path = settings.model_copy(update={"glm4_9b_path": tmp_path})  # no config.json: an error, not a fallback
     with pytest.raises(BaseModelError, match="GLM4_9B_PATH"):
-        resolve_base_model("glm-4-9b-0414", settings)
+        resolve_base_model("glm-4-9b-0414", wrong_path)
 
-    monkeypatch.delenv("GLM4_9B_PATH")
     copy = settings.base_models_dir / "glm-4-9b-0414"
     copy.mkdir(parents=True)
     (copy / "config.json").write_text(json.dumps({"architectures": ["Glm4ForCausalLM"]}))

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from app.ml.infer.classifier import ClassifierRegistry, IntentClassifier, ModelRef, Prediction
+from app.ml.infer.classifier import ClassifierRegistry, ModelRef, Prediction
 from app.ml.infer.generation import generate_answers
 from app.domain.prompt import LabelSet, build_system_prompt, format_answer, parse_answer
 from app.ml.infer.scoring import LabelScorer, answer_continuation_ids, label_distribution, render_prompt_ids
@@ -227,4 +227,3 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir, adapters):
 def test_model_ref_coerces_paths(tiny_model_dir):
     r = ModelRef("k", "1", str(tiny_model_dir), str(tiny_model_dir), SYSTEM_PROMPT, LABELS)
     assert r == ModelRef("k", "1", tiny_model_dir, tiny_model_dir, SYSTEM_PROMPT, LABELS)
-    assert isinstance(IntentClassifier, type)

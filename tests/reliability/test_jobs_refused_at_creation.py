@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 
 from app.ml.models.registry import GLM4_9B_ENV
@@ -24,7 +26,7 @@ def _dataset(client) -> str:
     ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "hyperparameters.lr_scheduler_type"),  # needs eval metrics
     ({"target_modules": ["nope_proj"]}, "hyperparameters.target_modules"),
     ({"target_modules": ["gate_proj"]}, "hyperparameters.target_modules"),  # GLM-4 fuses it into gate_up_proj
-    ({"target_modules": ["q_proj["]}, "hyperparameters.target_modules.0"),
+    ({"target_modules": ["q_proj["]}, "hyperparameters.target_modules[0]"),
     ({"num_train_epochs": 1e308}, "hyperparameters.num_train_epochs"),
     ({"num_train_epochs": float("inf")}, "hyperparameters.num_train_epochs"),
     ({"max_steps": 10**9}, "hyperparameters.max_steps"),
@@ -148,8 +150,8 @@ def test_the_architecture_table_names_the_real_matrix_modules(architecture, conf
 # --- the first job of a new user ------------------------------------------------------------
 
 
-def test_the_gpu_recipe_without_its_base_model_is_refused_saying_what_to_set(client, monkeypatch):
-    monkeypatch.delenv(GLM4_9B_ENV, raising=False)
+def test_the_gpu_recipe_without_its_base_model_is_refused_saying_what_to_set(client, settings, monkeypatch):
+    assert settings.glm4_9b_path is None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     response = client.post("/jobs", json={"dataset_id": _dataset(client), "config": "cmcc34_qlora_system_prompt"})
     assert response.status_code == 422, response.text
@@ -157,7 +159,7 @@ def test_the_gpu_recipe_without_its_base_model_is_refused_saying_what_to_set(cli
     assert detail["field"] == "base_model"
     assert GLM4_9B_ENV in detail["message"] and "cmcc34_qlora_system_prompt" in detail["message"]
 
-    monkeypatch.setenv(GLM4_9B_ENV, "/nonexistent/GLM-4-9B-0414")
+    settings.glm4_9b_path = Path("/nonexistent/GLM-4-9B-0414")  # the app reads this very Settings object
     wrong_path = client.post("/jobs", json={"dataset_id": _dataset(client), "base_model": "glm-4-9b-0414"})
     assert wrong_path.status_code == 422 and "/nonexistent/GLM-4-9B-0414" in wrong_path.json()["detail"]["message"]
     assert client.get("/jobs").json() == []

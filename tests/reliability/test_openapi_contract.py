@@ -26,6 +26,7 @@ from app.ml.eval.metrics import build_report
 from app.ml.eval.plots import plot_loss_curve
 from app.domain.prompt import LabelSet, build_system_prompt
 from app.services.models import register_adapter
+from app.services import jobs as job_service
 from app.services import reports as report_service
 from tests.conftest import upload
 
@@ -79,7 +80,10 @@ def api(tmp_path_factory):
         write_report(report, report_dir)
         report_service.record_report(session, settings, report_id=report_id, report_dir=report_dir, report=report,
                                      model_id="ft_contract", dataset_id=seeded["dataset_id"], job_id=None)
-    seeded.update(model_id="ft_contract", report_id=report_id)
+    with session_scope(settings) as session:
+        evaluation = job_service.create_evaluation_job(session, settings, model="ft_contract",
+                                                       dataset_id=seeded["dataset_id"], mode="score")
+    seeded.update(model_id="ft_contract", report_id=report_id, evaluation_id=evaluation.id)
     yield schemathesis.openapi.from_asgi("/openapi.json", app), seeded
     shutdown_lifespans()
 
@@ -102,8 +106,9 @@ def test_every_answer_matches_the_openapi_document(api, method, path, mode):
 @pytest.mark.parametrize("method,path", [(m, p) for m, p in OPERATIONS if "{" in p])
 def test_existing_resources_are_answered_as_documented(api, method, path):
     schema, seeded = api
+    ids = {**seeded, "job_id": seeded["evaluation_id"]} if path.startswith("/evaluations/") else seeded
     case = schema[path][method].Case(
-        path_parameters={name: value for name, value in seeded.items() if "{" + name + "}" in path})
+        path_parameters={name: value for name, value in ids.items() if "{" + name + "}" in path})
     expected = {"GET": [200], "DELETE": [409], "POST": [200, 409]}[method]  # the job uses the dataset; cancel twice
     for status in expected:
         response = case.call_and_validate(checks=CONTRACT_CHECKS)

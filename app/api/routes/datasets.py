@@ -4,7 +4,6 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 
 from app.api.deps import SessionDep, SettingsDep
 from app.api.errors import error_responses
-from app.api.presenters import dataset_out
 from app.schemas import DatasetOut
 from app.services import datasets as service
 
@@ -19,17 +18,17 @@ def upload_dataset(session: SessionDep, settings: SettingsDep,
     # A plain def: FastAPI runs it in a worker thread, so parsing and tokenizing a large upload does not
     # block other requests. At most one byte past the limit is read from the spooled upload into memory.
     raw = file.file.read(settings.max_upload_bytes + 1)
-    return dataset_out(service.create_dataset(session, settings, raw, file.filename, name))
+    return DatasetOut.model_validate(service.create_dataset(session, settings, raw, file.filename, name))
 
 
 @router.get("", response_model=list[DatasetOut])
 def list_datasets(session: SessionDep) -> list[DatasetOut]:
-    return [dataset_out(d) for d in service.list_datasets(session)]
+    return [DatasetOut.model_validate(d) for d in service.list_datasets(session)]
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404, 422))
 def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
-    return dataset_out(service.get_dataset(session, dataset_id))
+    return DatasetOut.model_validate(service.get_dataset(session, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409, 422))

@@ -3,7 +3,6 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep
 from app.api.errors import error_responses
-from app.api.presenters import adapter_out
 from app.schemas import BaseModelOut, FineTunedModelOut, ModelsOut
 from app.services import models as service
 
@@ -17,12 +16,13 @@ _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "
 def list_models(session: SessionDep, settings: SettingsDep) -> ModelsOut:
     base = [BaseModelOut(**{k: v for k, v in m.items() if k in BaseModelOut.model_fields})
             for m in service.list_base_models(settings)]
-    return ModelsOut(base_models=base, adapters=[adapter_out(m) for m in service.list_adapters(session)])
+    adapters = [FineTunedModelOut.model_validate(m) for m in service.list_adapters(session)]
+    return ModelsOut(base_models=base, adapters=adapters)
 
 
 @router.get("/{model_id}", response_model=FineTunedModelOut, responses=error_responses(404, 422))
 def get_model(model_id: str, session: SessionDep) -> FineTunedModelOut:
-    return adapter_out(service.get_adapter(session, model_id))
+    return FineTunedModelOut.model_validate(service.get_adapter(session, model_id))
 
 
 @router.get("/{model_id}/loss_curve.png", response_class=FileResponse,

@@ -3,7 +3,6 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep
 from app.api.errors import error_responses
-from app.api.presenters import report_out
 from app.schemas import FailedPredictionOut, ReportDetailOut, ReportOut, WrongPredictionOut
 from app.services import reports as service
 
@@ -15,14 +14,15 @@ _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "
 
 @router.get("", response_model=list[ReportOut], responses=error_responses(422))
 def list_reports(session: SessionDep, model_id: str | None = None) -> list[ReportOut]:
-    return [report_out(r) for r in service.list_reports(session, model_id)]
+    return [ReportOut.model_validate(r) for r in service.list_reports(session, model_id)]
 
 
 @router.get("/{report_id}", response_model=ReportDetailOut, responses=error_responses(404, 422),
             summary="All metrics of a report (accuracy, F1s, per-class, confused pairs, timing)")
 def get_report(report_id: str, session: SessionDep, settings: SettingsDep) -> ReportDetailOut:
     report = service.get_report(session, report_id)
-    return ReportDetailOut(**report_out(report).model_dump(), metrics=service.report_metrics(settings, report))
+    return ReportDetailOut(**ReportOut.model_validate(report).model_dump(exclude={"confusion_matrix_url"}),
+                           metrics=service.report_metrics(settings, report))
 
 
 @router.get("/{report_id}/confusion_matrix.png", response_class=FileResponse,

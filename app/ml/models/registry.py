@@ -248,7 +248,7 @@ def list_base_models(settings) -> list[dict]:
         row["prepared"] = path is not None
         if path is not None:
             row["path"] = str(path)
-        row["available"] = path is not None or _can_prepare(spec)
+        row["available"] = path is not None or _can_prepare(spec, settings)
         rows.append(row)
     return rows
 
@@ -261,7 +261,7 @@ def check_available(name: str, settings) -> BaseModelSpec:
         _resolve_local(spec, settings)
         return spec
     if spec.source == "hub":
-        _check_hub_env_path(spec)
+        _check_hub_env_path(spec, settings)
     if _prepared_path(spec, settings) is not None:
         return spec
     if spec.source == "packaged":
@@ -293,7 +293,7 @@ def resolve_base_model(
     if spec.source == "local":
         return _resolve_local(spec, settings)
     if spec.source == "hub":
-        _check_hub_env_path(spec)
+        _check_hub_env_path(spec, settings)
     path = _prepared_path(spec, settings)
     if path is not None:
         return path
@@ -332,7 +332,7 @@ def _prepared_path(spec: BaseModelSpec, settings) -> Path | None:
         path = parse_extra_base_models(settings.extra_base_models)[spec.name].resolve()
         return path if (path / "config.json").is_file() else None
     if spec.source == "hub":
-        env_path = _hub_env_path(spec)
+        env_path = _hub_env_path(spec, settings)
         if env_path is not None:
             return env_path if (env_path / "config.json").is_file() else None
         cached = _cache_dir(settings) / spec.name
@@ -342,13 +342,13 @@ def _prepared_path(spec: BaseModelSpec, settings) -> Path | None:
     return cached if _is_complete(cached) else None
 
 
-def _can_prepare(spec: BaseModelSpec) -> bool:
+def _can_prepare(spec: BaseModelSpec, settings) -> bool:
     if spec.source == "packaged":
         return not _missing_modules(spec)
     if spec.source == "generated":
         return True
     if spec.source == "hub":
-        return _hub_env_path(spec) is None and not _hub_offline()
+        return _hub_env_path(spec, settings) is None and not _hub_offline()
     return False
 
 
@@ -499,16 +499,15 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _OFFLINE_VALUES
 
 
-def _hub_env_path(spec: BaseModelSpec) -> Path | None:
-    if spec.name != GLM4_9B:
+def _hub_env_path(spec: BaseModelSpec, settings) -> Path | None:
+    if spec.name != GLM4_9B or settings.glm4_9b_path is None:
         return None
-    value = os.environ.get(GLM4_9B_ENV, "").strip()
-    return Path(value).expanduser().resolve() if value else None
+    return Path(settings.glm4_9b_path).expanduser().resolve()
 
 
-def _check_hub_env_path(spec: BaseModelSpec) -> None:
+def _check_hub_env_path(spec: BaseModelSpec, settings) -> None:
     """An explicit path that is wrong is an error, never silently replaced by another copy."""
-    path = _hub_env_path(spec)
+    path = _hub_env_path(spec, settings)
     if path is not None and not (path / "config.json").is_file():
         raise BaseModelError(
             f"{GLM4_9B_ENV}={path} has no config.json; point it to a local {spec.hub_id} folder "

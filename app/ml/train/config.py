@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
 
 from app.core.config import CONFIGS_DIR
 
@@ -28,43 +28,62 @@ class TrainingConfig(BaseModel):
     # allow_inf_nan: JSON bodies may carry Infinity/NaN, which no hyperparameter can use.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    # Quantisation: "4bit" = NF4 + double quant (QLoRA); "none" = LoRA on a full-precision base;
-    # "auto" = 4bit on CUDA; none on CPU, where 4-bit measured no faster and noticeably worse on a
-    # GGUF-sourced base (see app.ml.models.loading).
-    quantization: Literal["auto", "4bit", "none"] = "auto"
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Literal["auto", "4bit", "none"] = Field(
+        "auto", description="4bit: NF4 base (QLoRA); none: LoRA on a full-precision base; auto: 4bit on CUDA, "
+        "none on a CPU (where 4-bit measured no faster and worse on a GGUF-sourced base)")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantise the quantisation constants too (QLoRA)")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the matmuls: auto = bfloat16 on a GPU that has it, else float32")
 
-    lora_r: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(64, ge=1, le=16384)
-    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[ModuleName] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             min_length=1, max_length=64)
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    lora_alpha: int = Field(64, ge=1, le=16384, description="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input")
+    target_modules: list[ModuleName] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=64,
+        description="Module names the LoRA layers wrap; checked against the base model at POST /jobs")
 
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    per_device_train_batch_size: int = Field(4, ge=1, le=1024)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate")
+    per_device_train_batch_size: int = Field(4, ge=1, le=1024, description="Dialogues per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024,
+                                             description="Forward passes per optimizer step (effective batch)")
     # Upper bounds of steps and epochs are settings (MAX_TRAIN_STEPS, MAX_TRAIN_EPOCHS), checked per job.
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="> 0 overrides num_train_epochs")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    lr_scheduler_type: LrSchedulerType = "linear"
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_input_length: int = Field(1024, ge=16, le=131072)
-    max_output_length: int = Field(256, ge=4, le=8192)
-    save_steps: int = Field(500, ge=1, le=2**31 - 1)
-    logging_steps: int = Field(50, ge=1, le=2**31 - 1)
-    gradient_checkpointing: bool = True
-    # Run the system-prompt prefix once per batch and expand its keys/values (app.ml.train.shared_prefix).
-    shared_prefix: bool = True
-    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range (transformers' set_seed seeds numpy too)
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the dataset (unless max_steps > 0); "
+                                    "at most MAX_TRAIN_EPOCHS")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; > 0 overrides num_train_epochs; "
+                           "at most MAX_TRAIN_STEPS")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the steps spent warming up the rate")
+    lr_scheduler_type: LrSchedulerType = Field("linear", description="transformers learning-rate schedule")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    max_input_length: int = Field(1024, ge=16, le=131072, description="Prompt tokens per dialogue at most (longer "
+                                  "dialogues lose their end); the model is served with the same cut")
+    max_output_length: int = Field(256, ge=4, le=8192, description="Answer tokens per sample at most")
+    save_steps: int = Field(500, ge=1, le=2**31 - 1, description="Checkpoint every this many steps (resume point)")
+    logging_steps: int = Field(50, ge=1, le=2**31 - 1, description="Report loss and progress every this many steps")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, "
+                                         "about a third more compute")
+    shared_prefix: bool = Field(True, description="Run the system-prompt prefix once per batch and expand its "
+                                "keys/values (app.ml.train.shared_prefix); exact, and about half the tokens")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed (numpy's range: set_seed seeds numpy too)")
 
     @model_validator(mode="after")
     def _check_steps(self):
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use epochs) or > 0")
         return self
+
+
+def _overrides_model() -> type[BaseModel]:
+    """TrainingConfig with every field optional: what a job may override, each field with its type, bounds
+    and description, so the OpenAPI document (Swagger) lists every knob."""
+    fields = {}
+    for name, info in TrainingConfig.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (annotation | None, Field(None, description=info.description))
+    return create_model("TrainingOverrides", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
+
+
+TrainingOverrides = _overrides_model()
 
 
 def load_config_file(name_or_path: str) -> tuple[dict, str | None]:
