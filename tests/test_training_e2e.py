@@ -3,44 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import upload
+from tests.support import make_datasets, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _datasets(client, per_label_train=3, per_label_val=1, labels=8):
-    from app.data.sample import generate_sample_dialogues, to_cmcc_csv
-
-    ids = list(range(labels))
-    train = to_cmcc_csv(generate_sample_dialogues(per_label_train, seed=11, labels=ids)).encode()
-    val = to_cmcc_csv(generate_sample_dialogues(per_label_val, seed=12, labels=ids)).encode()
-    return upload(client, train, "train.csv").json()["id"], upload(client, val, "val.csv").json()["id"]
-
-
-def _start_worker(settings) -> subprocess.Popen:
-    env = {**os.environ, "DATA_DIR": str(settings.data_dir), "WORKER_POLL_SECONDS": "0.2",
-           "WORKER_HEARTBEAT_SECONDS": "0.5", "PYTHONUNBUFFERED": "1"}
-    log = open(settings.data_dir / f"worker-{time.monotonic_ns()}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _checkpoints(settings, job_id) -> list[int]:
@@ -48,19 +19,10 @@ def _checkpoints(settings, job_id) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")) if folder.exists() else []
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def test_training_job_end_to_end_in_process_worker(client, settings):
     from workers.worker import Worker
 
-    train_id, val_id = _datasets(client)
+    train_id, val_id = make_datasets(client)
     job = client.post("/jobs", json={"dataset_id": train_id, "validation_dataset_id": val_id,
                                      "base_model": "tiny-glm4", "config": "tiny_test",
                                      "hyperparameters": {"max_steps": 24, "save_steps": 8}}).json()
@@ -114,7 +76,7 @@ def test_4bit_qlora_job_on_cpu_through_the_api(client, settings):
     """quantization "4bit" on a CPU: bitsandbytes NF4 base, LoRA on top; the job and model record it."""
     from workers.worker import Worker
 
-    train_id, val_id = _datasets(client, per_label_train=2, labels=4)
+    train_id, val_id = make_datasets(client, per_label_train=2, labels=4)
     job = client.post("/jobs", json={"dataset_id": train_id, "validation_dataset_id": val_id,
                                      "base_model": "tiny-glm4", "config": "tiny_test",
                                      "hyperparameters": {"quantization": "4bit", "max_steps": 3, "save_steps": 2,
@@ -150,7 +112,7 @@ def _legacy_jsonl(per_label: int, labels: int) -> bytes:
 def test_evaluation_job_on_legacy_dataset_and_generate_mode_count_unparseable(client, settings):
     from workers.worker import Worker
 
-    train_id, _ = _datasets(client, labels=4)
+    train_id, _ = make_datasets(client, labels=4)
     legacy = upload(client, _legacy_jsonl(1, 4), "legacy.jsonl").json()
     assert legacy["chat_style"] == "legacy_template"
     val_id = legacy["id"]
@@ -172,17 +134,17 @@ def test_evaluation_job_on_legacy_dataset_and_generate_mode_count_unparseable(cl
 
 
 def test_cancel_a_running_job_keeps_its_checkpoint(client, settings):
-    train_id, _ = _datasets(client)
+    train_id, _ = make_datasets(client)
     job_id = client.post("/jobs", json={"dataset_id": train_id, "base_model": "tiny-glm4", "config": "tiny_test",
                                         "hyperparameters": {"max_steps": 5000, "save_steps": 5}}).json()["id"]
-    worker = _start_worker(settings)
+    worker = start_worker(settings)
     try:
-        _wait(lambda: _checkpoints(settings, job_id), 300, "a first checkpoint")
+        wait_for(lambda: _checkpoints(settings, job_id), 300, "a first checkpoint")
         assert client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"]
-        job = _wait(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] != "running" and j, 120,
+        job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] != "running" and j, 120,
                     "the job to stop")
     finally:
-        _stop(worker)
+        stop(worker)
     assert job["status"] == "cancelled" and job["model_id"] is None
     assert job["progress"]["step"] < 5000
     assert _checkpoints(settings, job_id)
@@ -194,30 +156,30 @@ def test_cancel_a_running_job_keeps_its_checkpoint(client, settings):
 def test_worker_killed_mid_job_resumes_from_checkpoint(client, settings):
     from app.ml.train.trainer import checkpoint_step, latest_checkpoint
 
-    train_id, _ = _datasets(client)
+    train_id, _ = make_datasets(client)
     max_steps, save_steps = 60, 10
     job_id = client.post("/jobs", json={"dataset_id": train_id, "base_model": "tiny-glm4", "config": "tiny_test",
                                         "hyperparameters": {"max_steps": max_steps, "save_steps": save_steps}}).json()["id"]
     checkpoints = settings.data_dir / "jobs" / job_id / "checkpoints"
-    first = _start_worker(settings)
+    first = start_worker(settings)
     try:
         # A complete checkpoint: killed while writing its first one, the job would rightly start over.
-        _wait(lambda: latest_checkpoint(checkpoints), 300, "a first complete checkpoint")
+        wait_for(lambda: latest_checkpoint(checkpoints), 300, "a first complete checkpoint")
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     finally:
-        _stop(first)
+        stop(first)
     killed_at = checkpoint_step(latest_checkpoint(checkpoints))
     assert client.get(f"/jobs/{job_id}").json()["status"] == "running"  # nobody has noticed yet
     if killed_at >= max_steps:
         pytest.skip("the worker finished before it could be killed (machine too fast for this test)")
 
-    second = _start_worker(settings)
+    second = start_worker(settings)
     try:
-        job = _wait(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] in
+        job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] in
                     ("succeeded", "failed", "cancelled") and j, 300, "the resumed job to finish")
     finally:
-        _stop(second)
+        stop(second)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempts"] == 2 and job["progress"]["step"] == max_steps
     events = client.get(f"/jobs/{job_id}/events").json()

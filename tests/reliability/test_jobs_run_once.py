@@ -15,7 +15,7 @@ from app.data.sample import generate_sample_dialogues
 from app.domain.prompt import LabelSet, build_system_prompt
 from app.models import Dataset, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services import queue
-from tests.reliability._jobs_support import make_datasets
+from tests.support import make_datasets
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.reliability._jobs_support import TERMINAL, make_datasets, start_worker, stop, wait_for, write_lock
+from tests.support import TERMINAL, make_datasets, start_worker, stop, wait_for, write_lock
 
 pytestmark = pytest.mark.timeout(600)
 

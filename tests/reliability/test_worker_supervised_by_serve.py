@@ -16,7 +16,7 @@ import pytest
 
 from app.core.db import run_migrations, session_scope
 from app.models import utcnow
-from tests.reliability._jobs_support import TERMINAL, free_port, wait_for, worker_env, write_lock
+from tests.support import TERMINAL, free_port, wait_for, worker_env, write_lock
 
 pytestmark = pytest.mark.timeout(600)
 

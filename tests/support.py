@@ -1,4 +1,4 @@
-"""Shared by the job/worker reliability tests: real worker processes, datasets, waiting and DB locks."""
+"""Shared by the tests that drive real processes: worker processes, datasets, waiting and DB locks."""
 
 from __future__ import annotations
 
