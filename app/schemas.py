@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -11,7 +9,7 @@ from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator,
 )
 
-from app.domain.prompt import ANSWER_PREFIX
+from app.domain.prompt import MAX_LABEL_ID, MAX_LABEL_NAME_CHARS, check_label_name
 from app.ml.train.config import TrainingConfig
 
 
@@ -192,27 +190,10 @@ class ModelsOut(BaseModel):
 
 
 MAX_ZERO_SHOT_LABELS = 200
-MAX_LABEL_NAME_CHARS = 100
-MAX_LABEL_ID = 2**31 - 1
-# What parse_answer reads as the start of an answer (app.domain.prompt): no name may contain it.
-_ANSWER_PREFIX_RE = re.compile(r"意图\s*[：:]")
-
-
-def _clean_label_name(name: str) -> str:
-    """A label name is one line of visible text: it is written into the prompt and into every answer."""
-    name = name.strip()
-    if not name:
-        raise ValueError("the label name is empty")
-    bad = next((c for c in name if unicodedata.category(c).startswith("C")), None)
-    if bad is not None:
-        raise ValueError(f"the label name holds the control or invisible character {bad!a}")
-    if _ANSWER_PREFIX_RE.search(name):
-        raise ValueError(f"the label name holds the answer prefix '{ANSWER_PREFIX}'")
-    return name
 
 
 LabelName = Annotated[
-    StrictStr, Field(min_length=1, max_length=MAX_LABEL_NAME_CHARS), AfterValidator(_clean_label_name)
+    StrictStr, Field(min_length=1, max_length=MAX_LABEL_NAME_CHARS), AfterValidator(check_label_name)
 ]
 LabelId = Annotated[StrictInt, Field(ge=0, le=MAX_LABEL_ID)]
 ModelName = Annotated[str, Field(min_length=1, max_length=200)]
