@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import require_api_key
 from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
+from app.api.middleware import BodyGuard, RelativeRedirects
 from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
@@ -40,6 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Outermost: the key and the size of a request body are checked before anything reads it.
+    app.add_middleware(RelativeRedirects)
+    app.add_middleware(BodyGuard, settings=settings)
 
     # Every error answer has one body, app.schemas.ErrorResponse, as the OpenAPI document says.
     app.add_exception_handler(ServiceError, service_error_handler)

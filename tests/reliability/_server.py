@@ -28,16 +28,17 @@ def api_server(settings, **env: str):
     """``uvicorn app.main:create_app`` with DATA_DIR of ``settings`` and ``env`` (API_KEY, TMPDIR, ...)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = open(settings.data_dir / f"api-{port}.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--no-access-log"],
-        env=worker_env(settings, DEFAULT_BASE_MODEL="tiny-glm4", DEFAULT_CONFIG="tiny_test", **env),
-        stdout=log, stderr=subprocess.STDOUT)
+    log_path = settings.data_dir / f"api-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port), "--no-access-log"],
+            env=worker_env(settings, DEFAULT_BASE_MODEL="tiny-glm4", DEFAULT_CONFIG="tiny_test", **env),
+            stdout=log, stderr=subprocess.STDOUT)
     server = Server(process, port)
     try:
         wait_for(lambda: _answers(server) or process.poll() is not None, 120, "the API to start")
-        assert process.poll() is None, (settings.data_dir / f"api-{port}.log").read_text()
+        assert process.poll() is None, log_path.read_text()
         yield server
     finally:
         if process.poll() is None:
@@ -47,7 +48,6 @@ def api_server(settings, **env: str):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(30)
-        log.close()
 
 
 def _answers(server: Server) -> bool:
