@@ -201,11 +201,19 @@ def _parse_text_label_csv(reader: csv.DictReader, columns: list[str]) -> ParsedD
 
 
 def _parse_int(value: str, row: int, column: str) -> int:
+    if value.lstrip("-").isdigit() and len(value) > 20:  # int() would refuse over 4,300 digits
+        what = "negative" if value.startswith("-") else f"over the largest accepted id {MAX_LABEL_ID}"
+        raise DatasetFormatError(f"label id {_shown(value)} is {what}", row=row, field=column)
     try:
         number = int(value)
     except ValueError:
-        raise DatasetFormatError(f"'{value}' is not an integer label id", row=row, field=column) from None
+        raise DatasetFormatError(f"'{_shown(value)}' is not an integer label id", row=row, field=column) from None
     return _check_label_id(number, row, column)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A cell as an error message quotes it: a long one is cut (the message is not an echo of the upload)."""
+    return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
 
 
 def _label_name(name: str, row: int, column: str) -> str:
@@ -217,9 +225,9 @@ def _label_name(name: str, row: int, column: str) -> str:
 
 def _check_label_id(number: int, row: int, column: str) -> int:
     if number < 0:
-        raise DatasetFormatError(f"label id {number} is negative", row=row, field=column)
+        raise DatasetFormatError(f"label id {_shown(str(number))} is negative", row=row, field=column)
     if number > MAX_LABEL_ID:
-        raise DatasetFormatError(f"label id {number} is over the largest accepted id {MAX_LABEL_ID}",
+        raise DatasetFormatError(f"label id {_shown(str(number))} is over the largest accepted id {MAX_LABEL_ID}",
                                  row=row, field=column)
     return number
 

@@ -56,3 +56,15 @@ def test_malformed_json_is_422_naming_the_row(client, settings, case):
     detail = response.json()["detail"]
     assert detail["row"] == row and detail.get("field") == field and words in detail["message"], detail
     assert _stored_state(settings) == (0, [])
+
+
+@pytest.mark.parametrize("label_id,words", [("9" * 5000, "over the largest accepted id"), ("-" + "9" * 5000, "negative"),
+                                            ("9" * 4000, "over the largest accepted id"), ("x" * 5000, "not an integer")])
+def test_a_huge_label_id_is_422_without_echoing_the_cell(client, settings, label_id, words):
+    content = f"sentence_sep,c_numerical\n您好[SEP]开通流量包,1\n您好[SEP]取消彩铃,{label_id}\n".encode()
+    response = upload(client, content)
+    assert response.status_code == 422, response.text[:300]
+    detail = response.json()["detail"]
+    assert (detail["row"], detail["field"]) == (3, "c_numerical") and words in detail["message"], detail
+    assert len(detail["message"]) < 200, detail["message"]
+    assert _stored_state(settings) == (0, [])
