@@ -214,9 +214,10 @@ class ClassifyRequest(RequestBody):
     top_k: int = Field(5, ge=1, le=100)
     labels: list[tuple[LabelId, LabelName]] | None = Field(
         None, min_length=1, max_length=MAX_ZERO_SHOT_LABELS,
-        description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique, "
-                    f"non-empty one-line names (at most {MAX_LABEL_NAME_CHARS} characters); "
-                    "default the CMCC-34 labels.",
+        description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique names; "
+                    "a name's whitespace runs become one space, and it may not be empty, be over "
+                    f"{MAX_LABEL_NAME_CHARS} characters, hold a control or invisible character or '意图：', or start "
+                    "like an id ('3：'), as for uploads; default the CMCC-34 labels.",
         examples=[[[0, "办理开通"], [1, "办理取消"]]],
     )
 

@@ -17,7 +17,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path("data"), description="Database, uploads, jobs, models, reports.")
     database_url: str | None = Field(default=None, description="Defaults to SQLite in DATA_DIR.")
-    api_key: str | None = Field(default=None, description="When set, every endpoint but /health and /docs needs it.")
+    api_key: str | None = Field(
+        default=None, description="When set, every endpoint but /health, /health/ready and the docs needs it.")
     max_upload_bytes: int = Field(
         default=50 * 1024 * 1024, ge=1,
         description="Largest dataset file; a request body is refused (413) as soon as it is known to pass it.")

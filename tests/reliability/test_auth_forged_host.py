@@ -16,11 +16,14 @@ pytestmark = pytest.mark.timeout(300)
 def test_a_slash_redirect_is_relative_whatever_the_host_header_says(settings):
     with api_server(settings, API_KEY="s3cret") as server, httpx.Client(base_url=server.url, timeout=60) as client:
         key = {"Authorization": "Bearer s3cret"}
-        for host in ("evil.example", "evil.example:8443", f"127.0.0.1:{server.port}"):
+        # uvicorn trusts X-Forwarded-Proto from 127.0.0.1 (a proxy): the scheme is the client's word too
+        for host, proto in (("evil.example", None), ("evil.example:8443", "javascript"),
+                            (f"127.0.0.1:{server.port}", None)):
+            headers = {**key, "Host": host, **({"X-Forwarded-Proto": proto} if proto else {})}
             for method, path, location in (("GET", "/datasets/", "/datasets"),
                                            ("GET", "/jobs/?limit=5", "/jobs?limit=5"),
                                            ("POST", "/jobs/", "/jobs")):
-                response = client.request(method, path, headers={**key, "Host": host}, follow_redirects=False)
+                response = client.request(method, path, headers=headers, follow_redirects=False)
                 assert response.status_code == 307, response.text
                 assert response.headers["location"] == location, (host, path, response.headers["location"])
         followed = client.get("/datasets/", headers={**key, "Host": "evil.example"}, follow_redirects=True)

@@ -46,10 +46,10 @@ def server(tmp_path_factory, spool):
         yield running
 
 
-def _request_head(port: int, headers: dict[str, str]) -> socket.socket:
+def _request_head(port: int, headers: dict[str, str], path: str = "/datasets",
+                  content_type: str = f"multipart/form-data; boundary={BOUNDARY}") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    lines = ["POST /datasets HTTP/1.1", f"Host: 127.0.0.1:{port}",
-             f"Content-Type: multipart/form-data; boundary={BOUNDARY}"]
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Type: {content_type}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     return sock
@@ -115,6 +115,15 @@ def test_an_upload_declaring_more_than_the_limit_is_413_at_its_headers(server, s
         assert status == 413, body
         assert f"{LIMIT} bytes" in body["detail"]["message"] and "MAX_UPLOAD_BYTES" in body["detail"]["message"]
         _push(sock, 8 * 1024 * 1024)
+    _assert_nothing_spooled(server, spool)
+
+
+def test_a_json_body_declaring_more_than_any_valid_request_is_413_at_its_headers(server, spool):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Length": str(1024**3)}
+    with _request_head(server.port, headers, path="/jobs", content_type="application/json") as sock:
+        status, _, body = _read_answer(sock)  # it used to be read whole into memory, then parsed
+        assert status == 413, body
+        assert "the largest valid /classify request" in body["detail"]["message"]
     _assert_nothing_spooled(server, spool)
 
 
