@@ -10,7 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import require_api_key
+from app.api.docs import add_docs
 from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
+from app.api.middleware import BodyGuard, RelativeRedirects
 from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
@@ -38,8 +40,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Fine-tune LLMs with QLoRA for customer-service intent classification, and serve them. "
                     "Upload a dataset, start a job, classify, read the reports.",
         lifespan=lifespan,
+        docs_url=None,  # served with local assets by add_docs
+        redoc_url=None,
     )
     app.state.settings = settings
+    # Outermost: the key and the size of a request body are checked before anything reads it.
+    app.add_middleware(RelativeRedirects)
+    app.add_middleware(BodyGuard, settings=settings)
 
     # Every error answer has one body, app.schemas.ErrorResponse, as the OpenAPI document says.
     app.add_exception_handler(ServiceError, service_error_handler)
@@ -47,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     app.include_router(health.router)
+    add_docs(app)
     # Without a key nothing is protected, and the OpenAPI document then declares no security either.
     protected = {}
     if settings.api_key:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -12,7 +10,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.domain.prompt import ANSWER_PREFIX
+from app.domain.prompt import MAX_LABEL_ID, MAX_LABEL_NAME_CHARS, check_label_name
 from app.ml.train.config import TrainingConfig, TrainingOverrides
 
 
@@ -250,27 +248,10 @@ class ModelsOut(BaseModel):
 
 
 MAX_ZERO_SHOT_LABELS = 200
-MAX_LABEL_NAME_CHARS = 100
-MAX_LABEL_ID = 2**31 - 1
-# What parse_answer reads as the start of an answer (app.domain.prompt): no name may contain it.
-_ANSWER_PREFIX_RE = re.compile(r"意图\s*[：:]")
-
-
-def _clean_label_name(name: str) -> str:
-    """A label name is one line of visible text: it is written into the prompt and into every answer."""
-    name = name.strip()
-    if not name:
-        raise ValueError("the label name is empty")
-    bad = next((c for c in name if unicodedata.category(c).startswith("C")), None)
-    if bad is not None:
-        raise ValueError(f"the label name holds the control or invisible character {bad!a}")
-    if _ANSWER_PREFIX_RE.search(name):
-        raise ValueError(f"the label name holds the answer prefix '{ANSWER_PREFIX}'")
-    return name
 
 
 LabelName = Annotated[
-    StrictStr, Field(min_length=1, max_length=MAX_LABEL_NAME_CHARS), AfterValidator(_clean_label_name)
+    StrictStr, Field(min_length=1, max_length=MAX_LABEL_NAME_CHARS), AfterValidator(check_label_name)
 ]
 LabelId = Annotated[StrictInt, Field(ge=0, le=MAX_LABEL_ID)]
 ModelName = Annotated[str, Field(min_length=1, max_length=200)]
@@ -291,9 +272,10 @@ class ClassifyRequest(RequestBody):
     top_k: int = Field(5, ge=1, le=100)
     labels: list[tuple[LabelId, LabelName]] | None = Field(
         None, min_length=1, max_length=MAX_ZERO_SHOT_LABELS,
-        description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique, "
-                    f"non-empty one-line names (at most {MAX_LABEL_NAME_CHARS} characters); "
-                    "default the CMCC-34 labels.",
+        description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique names; "
+                    "a name's whitespace runs become one space, and it may not be empty, be over "
+                    f"{MAX_LABEL_NAME_CHARS} characters, hold a control or invisible character or '意图：', or start "
+                    "like an id ('3：'), as for uploads; default the CMCC-34 labels.",
         examples=[[[0, "办理开通"], [1, "办理取消"]]],
     )
 

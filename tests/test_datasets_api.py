@@ -130,25 +130,24 @@ def test_upload_over_size_limit_is_413_and_leaves_nothing(tmp_path):
         assert _stored_state(small) == (0, [])
 
 
-def test_start_up_removes_staging_left_by_a_killed_upload_but_not_one_in_flight(tmp_path):
-    import os
-    import time
-
+def test_start_up_removes_staging_no_live_process_owns_but_not_one_in_flight(tmp_path):
     from fastapi.testclient import TestClient
+    from filelock import FileLock
 
     from app.core.config import Settings
     from app.main import create_app
 
     settings = Settings(data_dir=tmp_path / "d")
-    stale, fresh = settings.datasets_dir / ".ds_old.partial", settings.datasets_dir / ".ds_new.partial"
-    for folder in (stale, fresh):
+    orphan, in_flight = settings.datasets_dir / ".ds_old.partial", settings.datasets_dir / ".ds_new.partial"
+    for folder in (orphan, in_flight):
         folder.mkdir(parents=True)
         (folder / "original.csv").write_text("text,label\n")
-    two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
-    with TestClient(create_app(settings)):
-        pass
-    assert not stale.exists() and fresh.is_dir()
+    stray_lock = settings.datasets_dir / ".ds_gone.partial.lock"  # its process died before making the folder
+    stray_lock.touch()
+    with FileLock(settings.datasets_dir / ".ds_new.partial.lock", timeout=0):  # an upload in flight holds it
+        with TestClient(create_app(settings)):
+            pass
+        assert not orphan.exists() and not stray_lock.exists() and in_flight.is_dir()
 
 
 def test_delete_dataset_removes_row_and_files(client, settings, sample_csv):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import threading
 from collections.abc import Iterator
 from typing import Annotated
@@ -11,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.api.security import UNAUTHORIZED_MESSAGE, bearer_key_matches
 from app.core.config import Settings
 from app.core.db import session_factory
 
@@ -35,13 +35,12 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require_api_key(settings: SettingsDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    if not settings.api_key:
-        return
-    if credentials is None or not secrets.compare_digest(credentials.credentials, settings.api_key):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+def require_api_key(request: Request, settings: SettingsDep,
+                    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """401 without the key. ``_bearer`` declares the scheme in OpenAPI; the decision is ``bearer_key_matches``,
+    the same one the body guard makes before a request body is read."""
+    if settings.api_key and not bearer_key_matches(request.headers.get("authorization"), settings.api_key):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, UNAUTHORIZED_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
 
 
 _registry_lock = threading.Lock()

@@ -17,8 +17,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path("data"), description="Database, uploads, jobs, models, reports.")
     database_url: str | None = Field(default=None, description="Defaults to SQLite in DATA_DIR.")
-    api_key: str | None = Field(default=None, description="When set, every endpoint but /health and /docs needs it.")
-    max_upload_bytes: int = 50 * 1024 * 1024
+    api_key: str | None = Field(
+        default=None, description="When set, every endpoint but /health, /health/ready and the docs needs it.")
+    max_upload_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1,
+        description="Largest dataset file; a request body is refused (413) as soon as it is known to pass it.")
     default_base_model: str = "qwen2.5-coder-0.5b-instruct"
     default_config: str | None = Field(
         default=None, description="Recipe for jobs that name none; unset: cmcc34_qlora_system_prompt with a GPU, "
@@ -62,6 +65,18 @@ class Settings(BaseSettings):
         default=1024, ge=16,
         description="Prompt tokens a zero-shot model (or an adapter whose recipe recorded none) sees at most; "
                     "a longer dialogue loses its end, as in training.")
+
+    @property
+    def max_form_body_bytes(self) -> int:
+        """Largest multipart (upload) request body: the file plus room for the envelope and the name field."""
+        return self.max_upload_bytes + 64 * 1024
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        """Largest other request body: what the largest valid /classify needs (every character of every text
+        escaped as \\uXXXX), and never less than an upload."""
+        largest_classify = self.classify_max_texts * (self.classify_max_text_chars * 6 + 8) + 1024 * 1024
+        return max(self.max_form_body_bytes, largest_classify)
 
     @property
     def sqlalchemy_url(self) -> str:

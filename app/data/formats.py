@@ -15,14 +15,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from app.domain.prompt import LabelSet, extract_dialogue, parse_answer
+from app.domain.prompt import MAX_LABEL_ID, LabelSet, check_label_name, extract_dialogue, parse_answer
 
-
-# Label ids are small integers in practice; bounded so every store and tensor downstream can hold them.
-MAX_LABEL_ID = 2**31 - 1
+# A cell is bounded by the upload (MAX_UPLOAD_BYTES), not by the csv module's default of 131,072 characters:
+# one long dialogue is a plausible row.
+csv.field_size_limit(2**31 - 1)
 
 
 class DatasetFormatError(ValueError):
@@ -147,9 +148,7 @@ def _parse_cmcc_csv(reader: csv.DictReader, columns: list[str]) -> ParsedDataset
             if not raw_id:
                 raise DatasetFormatError("empty label id", row=line_no, field="c_numerical")
             label_id = _parse_int(raw_id, line_no, "c_numerical")
-        name = _cell(row, "label_raw") if has_name else None
-        if has_name and not name:
-            raise DatasetFormatError("empty label name", row=line_no, field="label_raw")
+        name = _label_name(_cell(row, "label_raw"), line_no, "label_raw") if has_name else None
         rows.append((line_no, dialogue, label_id, name))
 
     if has_id and has_name:
@@ -195,24 +194,40 @@ def _parse_text_label_csv(reader: csv.DictReader, columns: list[str]) -> ParsedD
         label_set = LabelSet.from_pairs([(i, str(i)) for i in ids])
         records = [Record(t, int(label)) for _, t, label in rows]
     else:
+        rows = [(line_no, text, _label_name(label, line_no, "label")) for line_no, text, label in rows]
         label_set = _label_set_from_names(label for _, _, label in rows)
         records = [Record(t, label_set.id_of(label)) for _, t, label in rows]
     return ParsedDataset("text_label_csv", records, label_set)
 
 
 def _parse_int(value: str, row: int, column: str) -> int:
+    if value.lstrip("-").isdigit() and len(value) > 20:  # int() would refuse over 4,300 digits
+        what = "negative" if value.startswith("-") else f"over the largest accepted id {MAX_LABEL_ID}"
+        raise DatasetFormatError(f"label id {_shown(value)} is {what}", row=row, field=column)
     try:
         number = int(value)
     except ValueError:
-        raise DatasetFormatError(f"'{value}' is not an integer label id", row=row, field=column) from None
+        raise DatasetFormatError(f"'{_shown(value)}' is not an integer label id", row=row, field=column) from None
     return _check_label_id(number, row, column)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A cell as an error message quotes it: a long one is cut (the message is not an echo of the upload)."""
+    return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
+
+
+def _label_name(name: str, row: int, column: str) -> str:
+    try:
+        return check_label_name(name)
+    except ValueError as exc:
+        raise DatasetFormatError(str(exc), row=row, field=column) from None
 
 
 def _check_label_id(number: int, row: int, column: str) -> int:
     if number < 0:
-        raise DatasetFormatError(f"label id {number} is negative", row=row, field=column)
+        raise DatasetFormatError(f"label id {_shown(str(number))} is negative", row=row, field=column)
     if number > MAX_LABEL_ID:
-        raise DatasetFormatError(f"label id {number} is over the largest accepted id {MAX_LABEL_ID}",
+        raise DatasetFormatError(f"label id {_shown(str(number))} is over the largest accepted id {MAX_LABEL_ID}",
                                  row=row, field=column)
     return number
 
@@ -235,6 +250,18 @@ def _check_unique_names(label_set: LabelSet) -> None:
 # --- JSONL ---------------------------------------------------------------------------------
 
 
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_TOO_DEEP = "JSON nested too deeply (a row is one object: {\"messages\": [...]})"
+
+
+def _check_unicode(text: str, row: int, field: str) -> None:
+    """JSON escapes can spell a lone surrogate (\\ud800): valid JSON, but not text that can be stored."""
+    found = _LONE_SURROGATE_RE.search(text)
+    if found:
+        raise DatasetFormatError(f"a lone surrogate (\\u{ord(found.group()):04x}) at character {found.start() + 1}: "
+                                 "not valid Unicode text", row=row, field=field)
+
+
 def _parse_jsonl(text: str) -> ParsedDataset:
     items: list[tuple[int, str, str, str | None]] = []  # line, dialogue, answer, system prompt
     styles: set[str] = set()
@@ -246,6 +273,8 @@ def _parse_jsonl(text: str) -> ParsedDataset:
             array = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise DatasetFormatError(f"not valid JSON: {exc.msg}", row=exc.lineno) from None
+        except RecursionError:
+            raise DatasetFormatError(_TOO_DEEP, row=1) from None
         objects = list(enumerate(array, start=1))
     else:
         objects = []
@@ -256,6 +285,8 @@ def _parse_jsonl(text: str) -> ParsedDataset:
                 objects.append((line_no, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DatasetFormatError(f"not valid JSON: {exc.msg} (column {exc.colno})", row=line_no) from None
+            except RecursionError:
+                raise DatasetFormatError(_TOO_DEEP, row=line_no) from None
 
     for line_no, obj in objects:
         messages = obj.get("messages") if isinstance(obj, dict) else None
@@ -278,6 +309,11 @@ def _parse_jsonl(text: str) -> ParsedDataset:
             raise DatasetFormatError("empty dialogue in the user message", row=line_no, field="messages.user")
         if not isinstance(answer, str) or not answer.strip():
             raise DatasetFormatError("empty assistant answer", row=line_no, field="messages.assistant")
+        _check_unicode(user, line_no, "messages.user")
+        _check_unicode(answer, line_no, "messages.assistant")
+        if len(answer.strip().splitlines()) > 1:
+            raise DatasetFormatError("the assistant answer holds a line break; it must be one line "
+                                     "意图：{id}：{label}", row=line_no, field="messages.assistant")
         items.append((line_no, extract_dialogue(user), answer, system))
 
     if not items:
@@ -297,7 +333,7 @@ def _parse_jsonl(text: str) -> ParsedDataset:
                 row=line_no, field="messages.assistant",
             )
         _check_label_id(parsed.label_id, line_no, "messages.assistant")
-        name = parsed.label_name or str(parsed.label_id)
+        name = _label_name(parsed.label_name or str(parsed.label_id), line_no, "messages.assistant")
         known = names.setdefault(parsed.label_id, name)
         if known != name:
             raise DatasetFormatError(

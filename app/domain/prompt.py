@@ -11,6 +11,7 @@ model, its tokens form a shared prefix that training and serving compute once
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 USER_PREFIX = "对话："
@@ -20,8 +21,15 @@ ANSWER_PREFIX = "意图："
 # dialogue followed one of these markers (the last one in the message wins).
 _LEGACY_DIALOGUE_MARKERS = ("对话内容：", "对话内容:", "对话：", "对话:")
 
-_ANSWER_RE = re.compile(r"意图\s*[：:]\s*(?:\[)?\s*(\d+)\s*[：:]?\s*([^\n\]]*)")
+# 意图：{id}：{name}, also 意图：[{id}]：{name} and 意图：[{id}：{name}]; the name runs to the end of the line.
+_ANSWER_RE = re.compile(r"意图\s*[：:]\s*(\[)?\s*(\d+)\s*(\])?\s*[：:]?\s*([^\n]*)")
 _BARE_ID_RE = re.compile(r"^\s*(\d+)\s*[：:]\s*(.*)$")
+_ANSWER_PREFIX_RE = re.compile(r"意图\s*[：:]")
+_WHITESPACE_RUN_RE = re.compile(r"\s+")
+
+# Label ids are small integers in practice; bounded so every store and tensor downstream can hold them.
+MAX_LABEL_ID = 2**31 - 1
+MAX_LABEL_NAME_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,9 @@ def parse_answer(text: str, label_set: LabelSet | None = None) -> ParsedAnswer:
     not in the set, or a name that contradicts the id, yields ``label_id=None``.
     """
     text = text.strip()
-    match = _ANSWER_RE.search(text) or _BARE_ID_RE.match(text)
-    if match:
-        label_id, name = int(match.group(1)), match.group(2).strip() or None
+    found = _match_answer(text)
+    if found:
+        label_id, name = found
         if label_set is None:
             return ParsedAnswer(label_id, name)
         if label_id in label_set.ids:
@@ -147,7 +155,45 @@ def parse_answer(text: str, label_set: LabelSet | None = None) -> ParsedAnswer:
         return ParsedAnswer(None, name)
     if label_set is not None:
         bare = text.removeprefix(ANSWER_PREFIX).strip()
-        found = label_set.id_of(bare)
-        if found is not None:
-            return ParsedAnswer(found, bare)
+        found_id = label_set.id_of(bare)
+        if found_id is not None:
+            return ParsedAnswer(found_id, bare)
     return ParsedAnswer(None, None)
+
+
+def _match_answer(text: str) -> tuple[int, str | None] | None:
+    match = _ANSWER_RE.search(text)
+    if match:
+        opened, label_id, closed, name = match.groups()
+        name = name.strip()
+        if opened and not closed:  # 意图：[{id}：{name}]
+            name = name.removesuffix("]").rstrip()
+        return int(label_id), name or None
+    match = _BARE_ID_RE.match(text)
+    if match:
+        return int(match.group(1)), match.group(2).strip() or None
+    return None
+
+
+def check_label_name(name: str) -> str:
+    """The one rule for a label name, for uploads and zero-shot labels alike: the name is written into the
+    system prompt's label list and into every answer, so it must read back through :func:`parse_answer`.
+
+    Whitespace runs (newlines included) become one space and the ends are stripped; a name that is then
+    empty, over ``MAX_LABEL_NAME_CHARS``, holds a control or invisible character, holds the answer prefix
+    ``意图：`` or starts like an id (``{digits}：``) is refused with a ``ValueError`` saying why.
+    Returns the normalised name.
+    """
+    name = _WHITESPACE_RUN_RE.sub(" ", name).strip()
+    if not name:
+        raise ValueError("the label name is empty")
+    if len(name) > MAX_LABEL_NAME_CHARS:
+        raise ValueError(f"the label name has {len(name)} characters, over the limit of {MAX_LABEL_NAME_CHARS}")
+    bad = next((c for c in name if unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise ValueError(f"the label name holds the control or invisible character U+{ord(bad):04X}")
+    if _ANSWER_PREFIX_RE.search(name):
+        raise ValueError(f"the label name holds the answer prefix '{ANSWER_PREFIX}'")
+    if _BARE_ID_RE.match(name):
+        raise ValueError("the label name starts with '{digits}：', which an answer would read as a label id")
+    return name

@@ -3,16 +3,25 @@
 A stored dataset is a folder ``DATA_DIR/datasets/<id>/`` with the original upload and
 ``records.jsonl`` (dialogue + label id per line). The shared system prompt lives once in the
 database row. A rejected upload leaves neither a row nor a file behind.
+
+An upload is written into a staging folder ``.<id>.partial`` and renamed into place once its row is
+flushed. While it is written, its process holds the file lock ``.<id>.partial.lock`` beside it (an OS
+lock, released by the kernel when the process dies): a staging folder whose lock can be taken belongs to
+no live process and is removed at start-up.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
-import time
+import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -33,6 +42,7 @@ def create_dataset(session: Session, settings: Settings, raw: bytes, filename: s
         raise PayloadTooLargeError(
             f"file is {len(raw)} bytes, over the limit of {settings.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)"
         )
+    given_name = _dataset_name(name)
     try:
         parsed = parse_dataset(raw, filename)
     except DatasetFormatError as exc:
@@ -40,49 +50,96 @@ def create_dataset(session: Session, settings: Settings, raw: bytes, filename: s
 
     system_prompt = build_system_prompt(parsed.label_set)
     dataset_id = new_id("ds")
+    display_name = given_name or _visible(Path(filename or "").stem)[:MAX_DATASET_NAME_CHARS] or dataset_id
     final_dir = settings.datasets_dir / dataset_id
     staging = settings.datasets_dir / f".{dataset_id}.partial"
-    staging.mkdir(parents=True, exist_ok=False)
-    try:
-        suffix = Path(filename or "").suffix.lower()
-        if suffix not in {".csv", ".jsonl", ".json", ".tsv", ".txt"}:
-            suffix = ".jsonl" if parsed.format == "chat_jsonl" else ".csv"
-        (staging / f"original{suffix}").write_bytes(raw)
-        _write_records(staging / RECORDS_FILE, parsed.records)
-        dataset = Dataset(
-            id=dataset_id,
-            name=(name or Path(filename or dataset_id).stem)[:200],
-            original_filename=Path(filename).name[:300] if filename else None,
-            format=parsed.format,
-            chat_style=parsed.chat_style,
-            n_rows=len(parsed.records),
-            label_set=parsed.label_set.to_pairs(),
-            label_counts={str(k): v for k, v in parsed.label_counts.items()},
-            stats=dataset_stats(parsed, system_prompt, settings),
-            system_prompt=system_prompt,
-            size_bytes=len(raw),
-        )
-        session.add(dataset)
-        session.flush()
-        staging.rename(final_dir)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        raise
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    with _owning(staging):  # taken before the folder exists: a staging folder is never without its owner
+        staging.mkdir()
+        try:
+            suffix = Path(filename or "").suffix.lower()
+            if suffix not in {".csv", ".jsonl", ".json", ".tsv", ".txt"}:
+                suffix = ".jsonl" if parsed.format == "chat_jsonl" else ".csv"
+            (staging / f"original{suffix}").write_bytes(raw)
+            _write_records(staging / RECORDS_FILE, parsed.records)
+            dataset = Dataset(
+                id=dataset_id,
+                name=display_name,
+                original_filename=(_visible(Path(filename).name)[:300] or None) if filename else None,
+                format=parsed.format,
+                chat_style=parsed.chat_style,
+                n_rows=len(parsed.records),
+                label_set=parsed.label_set.to_pairs(),
+                label_counts={str(k): v for k, v in parsed.label_counts.items()},
+                stats=dataset_stats(parsed, system_prompt, settings),
+                system_prompt=system_prompt,
+                size_bytes=len(raw),
+            )
+            session.add(dataset)
+            session.flush()
+            staging.rename(final_dir)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            raise
     return dataset
 
 
-def remove_stale_staging(settings: Settings, older_than_seconds: float = 3600) -> list[str]:
-    """Delete upload staging folders left by a process killed mid-upload (another process's upload in
-    flight is younger than ``older_than_seconds`` and kept)."""
-    cutoff = time.time() - older_than_seconds
+MAX_DATASET_NAME_CHARS = 200
+_WHITESPACE_RUN_RE = re.compile(r"\s+")
+
+
+def _visible(text: str) -> str:
+    """One line of visible text: whitespace runs become one space, control and invisible characters go."""
+    text = _WHITESPACE_RUN_RE.sub(" ", text)
+    return "".join(c for c in text if not unicodedata.category(c).startswith("C")).strip()
+
+
+def _dataset_name(name: str | None) -> str | None:
+    """The ``name`` form field: one line of visible text (shown in listings), else a 422 naming it."""
+    if name is None:
+        return None
+    cleaned = _WHITESPACE_RUN_RE.sub(" ", name).strip()
+    bad = next((c for c in cleaned if unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise UnprocessableError(f"the name holds the control or invisible character U+{ord(bad):04X}", field="name")
+    if len(cleaned) > MAX_DATASET_NAME_CHARS:
+        raise UnprocessableError(f"the name has {len(cleaned)} characters, over the limit of "
+                                 f"{MAX_DATASET_NAME_CHARS}", field="name")
+    return cleaned or None
+
+
+@contextmanager
+def _owning(staging: Path) -> Iterator[None]:
+    """Hold the staging folder's lock (``Timeout`` at once when a live process holds it); the lock file is
+    removed before the lock is let go."""
+    lock_path = staging.with_name(staging.name + ".lock")
+    with FileLock(lock_path, timeout=0):
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def remove_stale_staging(settings: Settings) -> list[str]:
+    """Delete upload staging folders (and lock files) that no live process owns: left by a process killed
+    mid-upload. An upload in flight in another process holds its lock, and its folder is kept."""
     removed = []
-    for folder in settings.datasets_dir.glob(".*.partial"):
-        if folder.is_dir() and folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
+    if not settings.datasets_dir.is_dir():
+        return removed
+    for path in sorted(settings.datasets_dir.glob(".*.partial*")):
+        staging = path.with_name(path.name.removesuffix(".lock"))
+        if path != staging and staging.exists():
+            continue  # the folder's own turn takes its lock file too
+        try:
+            with _owning(staging):
+                if staging.is_dir():
+                    shutil.rmtree(staging, ignore_errors=True)
+                    removed.append(staging.name)
+        except Timeout:
+            continue  # a live upload
     return removed
 
 

@@ -9,7 +9,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
-             responses=error_responses(400, 404, 409, 422))
+             responses=error_responses(400, 404, 409, 413, 422))
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> JobOut:
     job = service.create_training_job(
         session, settings, dataset_id=body.dataset_id, validation_dataset_id=body.validation_dataset_id,
