@@ -6,11 +6,20 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, computed_field, field_validator,
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    computed_field,
+    field_validator,
     model_validator,
 )
 
-from app.domain.prompt import MAX_LABEL_ID, MAX_LABEL_NAME_CHARS, check_label_name
+from app.domain.labels import MAX_LABEL_ID
+from app.domain.prompt import MAX_LABEL_NAME_CHARS, check_label_name
 from app.ml.train.config import TrainingConfig, TrainingOverrides
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
+from app.domain.records import Record
 from app.ml.eval.baseline import fit_baseline, normalise_dialogue, predict, predict_ids
 
 N_LABELS = 34

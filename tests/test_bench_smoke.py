@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues, to_cmcc_csv
+from app.domain.records import Record
 
 SECTION_HEADINGS = {
     "tokens": "## 1. Tokens per sample",

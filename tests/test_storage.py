@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.domain.prompt import LabelSet, build_system_prompt
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt
 from app.main import create_app
 from app.ml.eval.files import write_report
 from app.ml.eval.metrics import build_report

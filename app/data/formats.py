@@ -17,9 +17,11 @@ import io
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from app.domain.prompt import MAX_LABEL_ID, LabelSet, check_label_name, extract_dialogue, parse_answer
+from app.domain.labels import MAX_LABEL_ID, LabelSet
+from app.domain.prompt import check_label_name, extract_dialogue, parse_answer
+from app.domain.records import Record
 
 # A cell is bounded by the upload (MAX_UPLOAD_BYTES), not by the csv module's default of 131,072 characters:
 # one long dialogue is a plausible row.
@@ -40,19 +42,12 @@ class DatasetFormatError(ValueError):
 
 
 @dataclass
-class Record:
-    dialogue: str
-    label_id: int
-
-
-@dataclass
 class ParsedDataset:
     format: str
     records: list[Record]
     label_set: LabelSet
     # Only for chat JSONL: "system_prompt" (3 messages) or "legacy_template" (2 messages).
     chat_style: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def label_counts(self) -> dict[int, int]:
@@ -345,11 +340,3 @@ def _parse_jsonl(text: str) -> ParsedDataset:
     _check_unique_names(label_set)
     style = "mixed" if len(styles) > 1 else styles.pop()
     return ParsedDataset("chat_jsonl", records, label_set, chat_style=style)
-
-
-def validate_against_label_set(records: list[Record], label_set: LabelSet) -> None:
-    """Every record's label must belong to ``label_set`` (e.g. a validation set vs the training set)."""
-    known = set(label_set.ids)
-    for index, record in enumerate(records, start=1):
-        if record.label_id not in known:
-            raise DatasetFormatError(f"unknown label id {record.label_id}", row=index, field="label")

@@ -1,6 +1,6 @@
 """The CMCC-34 intent taxonomy (ids, names, groups): public label names, no data rows."""
 
-from app.domain.prompt import LabelSet
+from app.domain.labels import LabelSet
 
 CMCC34_LABELS: dict[int, str] = {
     0: "咨询（含查询）业务规定",

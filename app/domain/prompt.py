@@ -14,6 +14,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from app.domain.labels import LabelSet
+
 USER_PREFIX = "对话："
 ANSWER_PREFIX = "意图："
 
@@ -27,55 +29,7 @@ _BARE_ID_RE = re.compile(r"^\s*(\d+)\s*[：:]\s*(.*)$")
 _ANSWER_PREFIX_RE = re.compile(r"意图\s*[：:]")
 _WHITESPACE_RUN_RE = re.compile(r"\s+")
 
-# Label ids are small integers in practice; bounded so every store and tensor downstream can hold them.
-MAX_LABEL_ID = 2**31 - 1
 MAX_LABEL_NAME_CHARS = 100
-
-
-@dataclass(frozen=True)
-class Label:
-    id: int
-    name: str
-
-
-@dataclass(frozen=True)
-class LabelSet:
-    """The intents a model knows, ordered by id. Defines the prompt and the answers."""
-
-    labels: tuple[Label, ...]
-
-    @classmethod
-    def from_pairs(cls, pairs: list[tuple[int, str]] | list[list]) -> "LabelSet":
-        labels = tuple(sorted((Label(int(i), str(n)) for i, n in pairs), key=lambda lab: lab.id))
-        ids = [lab.id for lab in labels]
-        if len(set(ids)) != len(ids):
-            raise ValueError("label ids must be unique")
-        return cls(labels)
-
-    def to_pairs(self) -> list[list]:
-        return [[lab.id, lab.name] for lab in self.labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __iter__(self):
-        return iter(self.labels)
-
-    @property
-    def ids(self) -> list[int]:
-        return [lab.id for lab in self.labels]
-
-    def name_of(self, label_id: int) -> str:
-        for lab in self.labels:
-            if lab.id == label_id:
-                return lab.name
-        raise KeyError(label_id)
-
-    def id_of(self, name: str) -> int | None:
-        for lab in self.labels:
-            if lab.name == name:
-                return lab.id
-        return None
 
 
 def build_system_prompt(label_set: LabelSet) -> str:

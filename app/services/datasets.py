@@ -27,11 +27,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.data.formats import DatasetFormatError, ParsedDataset, Record, parse_dataset
-from app.domain.prompt import LabelSet, build_system_prompt
+from app.data.formats import DatasetFormatError, ParsedDataset, parse_dataset
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt
+from app.domain.records import Record
 from app.models import Dataset, Job, new_id
 from app.services import token_stats
-from app.services.errors import ConflictError, NotFoundError, PayloadTooLargeError, UnprocessableError
+from app.services.errors import (
+    ConflictError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnprocessableError,
+)
 from app.services.rows import get_row
 
 RECORDS_FILE = "records.jsonl"

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.domain.artifacts import LOSS_CURVE_FILENAME
 from app.domain.cmcc34 import CMCC34_LABEL_SET
-from app.domain.prompt import LabelSet, build_system_prompt
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt
 from app.models import FineTunedModel, Job, new_id
 from app.services.errors import NotFoundError, UnprocessableError
 from app.services.rows import get_row

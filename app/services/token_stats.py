@@ -12,8 +12,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from app.core.config import Settings
-from app.data.formats import Record
-from app.domain.prompt import LabelSet, format_answer, format_user_turn
+from app.domain.labels import LabelSet
+from app.domain.prompt import format_answer, format_user_turn
+from app.domain.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,16 @@ import threading
 import pytest
 import torch
 
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt, format_answer, parse_answer
 from app.ml.infer.classifier import ClassifierRegistry, ModelRef, Prediction
 from app.ml.infer.generation import generate_answers
-from app.domain.prompt import LabelSet, build_system_prompt, format_answer, parse_answer
-from app.ml.infer.scoring import LabelScorer, answer_continuation_ids, label_distribution, render_prompt_ids
+from app.ml.infer.scoring import (
+    LabelScorer,
+    answer_continuation_ids,
+    label_distribution,
+    render_prompt_ids,
+)
 from tests.ml.conftest import make_random_lora_adapter
 
 LABELS = LabelSet.from_pairs(

@@ -7,12 +7,13 @@ import json
 import pytest
 from PIL import Image
 
-from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt
+from app.domain.records import Record
 from app.ml.eval.files import write_report
 from app.ml.eval.metrics import build_report
 from app.ml.eval.run import evaluate_records
-from app.domain.prompt import LabelSet, build_system_prompt
 
 LABELS = LabelSet.from_pairs([(0, "咨询（含查询）业务规定"), (1, "办理取消"), (2, "咨询（含查询）业务资费"), (3, "办理开通"), (4, "办理缴费")])
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2, 3, 3]
@@ -43,7 +44,13 @@ def test_failures_count_as_wrong_hand_computed(report):
 
 
 def test_numbers_match_scikit_learn(report):
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
 
     # Independent encoding of the failures: a string class that is no label.
     y_pred = ["FAILED" if p not in LABELS.ids else str(p) for p in Y_PRED]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.data.sample import generate_sample_dialogues
-from app.ml.text.encoding import shared_prefix_ids
-from app.domain.prompt import LabelSet, build_system_prompt, format_answer
+from app.domain.cmcc34 import CMCC34_LABEL_SET
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt, format_answer
 from app.ml.infer.scoring import (
     LabelCandidates,
     LabelScorer,
@@ -17,6 +17,7 @@ from app.ml.infer.scoring import (
     label_distribution,
     render_prompt_ids,
 )
+from app.ml.text.encoding import shared_prefix_ids
 from tests.ml.conftest import make_random_lora_adapter
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)

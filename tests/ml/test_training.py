@@ -10,18 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.domain.cmcc34 import CMCC34_LABEL_SET
-from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
-from app.domain.prompt import build_system_prompt
 from app.domain.artifacts import ADAPTER_METADATA_FILENAME
+from app.domain.cmcc34 import CMCC34_LABEL_SET
+from app.domain.prompt import build_system_prompt
+from app.domain.records import Record
+from app.ml.train.config import resolve_training_config
 from app.ml.train.trainer import (
     TrainingHooks,
     latest_checkpoint,
     save_adapter,
     train_adapter,
 )
-from app.ml.train.config import resolve_training_config
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
 

@@ -10,9 +10,10 @@ from datetime import timedelta
 import pytest
 
 from app.core.db import run_migrations, session_scope
-from app.data.formats import Record
 from app.data.sample import generate_sample_dialogues
-from app.domain.prompt import LabelSet, build_system_prompt
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt
+from app.domain.records import Record
 from app.models import Dataset, FineTunedModel, Job, JobEvent, new_id, utcnow
 from app.services import queue
 from tests.support import make_datasets
@@ -30,8 +31,8 @@ def tiny_model(tmp_path_factory):
 
 
 def _train(tiny_model, job_dir, events: list, **overrides):
-    from app.ml.train.trainer import TrainingHooks, train_adapter
     from app.ml.train.config import resolve_training_config
+    from app.ml.train.trainer import TrainingHooks, train_adapter
 
     rows = generate_sample_dialogues(per_label=6, seed=5, labels=list(range(4)))  # 24 rows: 6 batches of 4
     config, _ = resolve_training_config("tiny_test", {"max_steps": 5, "save_steps": 5, "logging_steps": 1,

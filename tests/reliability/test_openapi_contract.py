@@ -20,14 +20,15 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from app.core.config import Settings
 from app.core.db import session_scope
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt
 from app.main import create_app
 from app.ml.eval.files import write_report
 from app.ml.eval.metrics import build_report
 from app.ml.eval.plots import plot_loss_curve
-from app.domain.prompt import LabelSet, build_system_prompt
-from app.services.models import register_adapter
 from app.services import jobs as job_service
 from app.services import reports as report_service
+from app.services.models import register_adapter
 from tests.conftest import upload
 
 CONTRACT_CHECKS = [

@@ -14,7 +14,8 @@ import json
 
 import pytest
 
-from app.domain.prompt import LabelSet, build_system_prompt, format_answer, parse_answer
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt, format_answer, parse_answer
 from tests.conftest import upload
 from tests.test_datasets_api import _stored_state
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.data.formats import Record
+from app.domain.records import Record
 
 TURN_SEPARATOR = "[SEP]"
 

@@ -12,8 +12,7 @@ from app.domain.artifacts import (
     REPORT_FAILED_FILENAME,
     REPORT_RESULTS_FILENAME,
 )
-from app.domain.prompt import LabelSet
-
+from app.domain.labels import LabelSet
 
 _DETAIL_KEYS = ("per_class", "most_confused_pairs", "confusion_matrix", "confusion_labels")
 _LIST_KEYS = ("failed_predictions", "wrong_predictions")

@@ -11,7 +11,7 @@ scikit-learn does by default; classes of the label set that appear nowhere are l
 
 from __future__ import annotations
 
-from app.domain.prompt import LabelSet
+from app.domain.labels import LabelSet
 
 MOST_CONFUSED = 10
 
@@ -32,7 +32,11 @@ def build_report(
     confidences: list[float | None] | None = None,
 ) -> dict:
     """A JSON-ready report of predictions ``y_pred`` (None = failed) against ``y_true``."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     n = len(y_true)
     if not (len(y_pred) == len(texts) == n):

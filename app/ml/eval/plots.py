@@ -16,7 +16,7 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from app.domain.prompt import LabelSet
+from app.domain.labels import LabelSet
 
 CONFUSION_DPI = 300
 LOSS_DPI = 150

@@ -6,8 +6,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from app.data.formats import Record
-from app.domain.prompt import LabelSet
+from app.domain.labels import LabelSet
+from app.domain.records import Record
 from app.ml.eval.metrics import build_report
 
 

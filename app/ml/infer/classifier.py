@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 
+from app.domain.labels import LabelSet
 from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS, generate_answers
-from app.domain.prompt import LabelSet
 from app.ml.infer.scoring import LabelScorer, label_distribution, render_prompt_ids
 
 log = logging.getLogger(__name__)

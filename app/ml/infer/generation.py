@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.domain.prompt import LabelSet, parse_answer
+from app.domain.labels import LabelSet
+from app.domain.prompt import parse_answer
 from app.ml.infer.scoring import render_prompt_ids
 from app.ml.text.encoding import pad_rows
 

@@ -49,7 +49,8 @@ from typing import Literal
 
 import torch
 
-from app.domain.prompt import LabelSet, format_answer
+from app.domain.labels import LabelSet
+from app.domain.prompt import format_answer
 from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
 from app.ml.text.encoding import (
     assistant_turn,

@@ -35,7 +35,6 @@ from app.ml.models.loading import LoadedModel, load_base_model  # isort: skip
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from app.data.formats import Record
 from app.domain.artifacts import (
     ADAPTER_DIRNAME,
     ADAPTER_METADATA_FILENAME,
@@ -43,10 +42,16 @@ from app.domain.artifacts import (
     CHECKPOINTS_DIRNAME,
     LOSS_CURVE_FILENAME,
 )
+from app.domain.labels import LabelSet
+from app.domain.prompt import format_answer
+from app.domain.records import Record
 from app.ml.text.encoding import ChatCollator, EncodedDataset, encode_dataset
-from app.domain.prompt import LabelSet, format_answer
-from app.ml.train.shared_prefix import naive_loss, shared_prefix_loss, supports_shared_prefix
 from app.ml.train.config import TrainingConfig
+from app.ml.train.shared_prefix import (
+    naive_loss,
+    shared_prefix_loss,
+    supports_shared_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +463,11 @@ def train_adapter(
 
 def check_target_modules(base_model_dir: Path, target_modules: list[str]) -> None:
     """Refuse LoRA targets the base model does not have, before anything is loaded."""
-    from app.ml.models.target_modules import describe, matrix_module_names, unknown_target_modules
+    from app.ml.models.target_modules import (
+        describe,
+        matrix_module_names,
+        unknown_target_modules,
+    )
 
     names = matrix_module_names(base_model_dir)
     if names is None:
