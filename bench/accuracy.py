@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.data.formats import Record
-from app.domain.prompt import LabelSet
+from app.domain.labels import LabelSet
+from app.domain.records import Record
 from bench.data import Split
 from bench.report import SectionResult, Table, bar_group, new_figure, save_figure
 
@@ -68,8 +68,8 @@ def train_bench_adapter(split: Split, label_set: LabelSet, system_prompt: str, b
 
 
 def evaluate_with_classifier(ref, records: list[Record], label_set: LabelSet, *, device: str | None) -> tuple[dict, float]:
-    from app.ml.infer.classifier import ClassifierRegistry
     from app.ml.eval.run import evaluate_records
+    from app.ml.infer.classifier import ClassifierRegistry
 
     registry = ClassifierRegistry(max_adapters=1, device=device)
     try:

@@ -24,10 +24,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from app.data.formats import Record
+from app.domain.labels import LabelSet
+from app.domain.records import Record
 from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS
-from app.domain.prompt import LabelSet
-from bench.report import SectionResult, Table, bar_group, new_figure, percentile, ratio, save_figure
+from bench.report import (
+    SectionResult,
+    Table,
+    bar_group,
+    new_figure,
+    percentile,
+    ratio,
+    save_figure,
+)
 
 MODES = ("generate", "score")
 BENCH_MODEL_ID = "bench-adapter"
@@ -89,8 +97,8 @@ class RequestWork:
 
 def request_work(tokenizer, system_prompt: str, label_set: LabelSet, texts: list[str], generated: list[str],
                  max_input_length: int | None) -> RequestWork:
-    from app.ml.text.encoding import shared_prefix_ids
     from app.ml.infer.scoring import LabelCandidates, render_prompt_ids
+    from app.ml.text.encoding import shared_prefix_ids
 
     prefix = len(shared_prefix_ids(tokenizer, system_prompt))
     prompts = [len(render_prompt_ids(tokenizer, system_prompt, t, max_input_length)) for t in texts]

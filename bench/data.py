@@ -12,7 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.data.formats import Record, parse_dataset
+from app.data.formats import parse_dataset
+from app.domain.records import Record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CMCC_FILES = {"real 5-shot": "train_new_5shot.csv", "synthetic (GLM-4)": "synthetic_upstream_glm4.csv"}

@@ -19,10 +19,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.ml.text.encoding import assistant_turn, encode_prompt, encode_sample, shared_prefix_ids
-from app.domain.prompt import LabelSet, build_system_prompt, format_answer, format_user_turn
+from app.domain.labels import LabelSet
+from app.domain.prompt import build_system_prompt, format_answer, format_user_turn
+from app.ml.text.encoding import (
+    assistant_turn,
+    encode_prompt,
+    encode_sample,
+    shared_prefix_ids,
+)
 from bench.data import NamedRows
-from bench.report import SectionResult, Table, bar_group, new_figure, percentile, save_figure
+from bench.report import (
+    SectionResult,
+    Table,
+    bar_group,
+    new_figure,
+    percentile,
+    save_figure,
+)
 
 TRAIN_BATCH = 4
 _NO_TRUNCATION = 1 << 20
