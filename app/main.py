@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import require_api_key
 from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
-from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
+from app.api.routes import classify, configs, datasets, evaluations, health, jobs, models, reports
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
 from app.services.datasets import remove_stale_staging
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = {}
     if settings.api_key:
         protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
-    for module in (datasets, jobs, models, classify, evaluations, reports):
+    for module in (datasets, jobs, configs, models, classify, evaluations, reports):
         app.include_router(module.router, **protected)
     return app
 

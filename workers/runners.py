@@ -17,6 +17,7 @@ from app.services.errors import ServiceError
 from app.services.models import adapter_model_ref, resolve_model_ref
 
 log = logging.getLogger("intent_tuner.worker")
+TRAIN_LOG_FIELDS = ("step", "max_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "steps_per_second")
 _classifiers = None  # one registry per worker process: adapters stay loaded between evaluation jobs
 
 
@@ -67,8 +68,9 @@ def _resolve_base_model(settings: Settings, name: str, job_id: str):
     from app.ml.models.registry import BaseModelError, resolve_base_model
 
     _event(settings, job_id, "base_model", f"resolving base model '{name}' (prepared once, then cached)")
-    try:
-        return resolve_base_model(name, settings)
+    try:  # preparing it (join, verify, convert) takes minutes the first time: each stage is an event
+        return resolve_base_model(name, settings,
+                                  progress=lambda message: _event(settings, job_id, "base_model", message))
     except BaseModelError as exc:
         raise JobFailure("base_model_unavailable", str(exc)) from None
 
@@ -85,7 +87,12 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool]) -> Jo
     job_dir = settings.jobs_dir / job.id
 
     def on_log(metrics: dict) -> None:
+        # The progress holds the latest figures; a train_log event per logged step keeps the loss curve
+        # (the console draws it live from the events it polls).
         with session_scope(settings) as session:
+            job_service.add_event(session, job.id, "train_log",
+                                  f"step {metrics['step']}/{metrics['max_steps']}: loss {metrics['loss']:.4f}",
+                                  {k: metrics.get(k) for k in TRAIN_LOG_FIELDS})
             job_service.set_progress(session, job.id, metrics)
 
     hooks = TrainingHooks(

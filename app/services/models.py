@@ -24,6 +24,14 @@ def get_adapter(session: Session, model_id: str) -> FineTunedModel:
     return get_row(session, FineTunedModel, model_id, "model")
 
 
+def loss_history(model: FineTunedModel) -> list[dict]:
+    """The training loss at each logged step, as the trainer stored it beside the adapter."""
+    meta = Path(model.adapter_path) / "intent_tuner.json"
+    if not meta.is_file():
+        return []
+    return json.loads(meta.read_text(encoding="utf-8")).get("loss_history") or []
+
+
 def list_base_models(settings: Settings) -> list[dict]:
     from app.ml.models.registry import list_base_models as registry_listing
 

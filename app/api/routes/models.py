@@ -6,7 +6,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import SessionDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.presenters import adapter_out
-from app.schemas import BaseModelOut, FineTunedModelOut, ModelsOut
+from app.schemas import BaseModelOut, FineTunedModelOut, LossHistoryOut, LossPoint, ModelsOut
 from app.services import models as service
 from app.services.errors import NotFoundError
 
@@ -35,3 +35,10 @@ def loss_curve(model_id: str, session: SessionDep) -> FileResponse:
     if not path.is_file():
         raise NotFoundError(f"model '{model_id}' has no loss curve")
     return FileResponse(path, media_type="image/png")
+
+
+@router.get("/{model_id}/loss_history", response_model=LossHistoryOut, responses=error_responses(404, 422),
+            summary="Training loss by step (the numbers behind loss_curve.png)")
+def loss_history(model_id: str, session: SessionDep) -> LossHistoryOut:
+    points = service.loss_history(service.get_adapter(session, model_id))
+    return LossHistoryOut(model_id=model_id, points=[LossPoint(**p) for p in points])
