@@ -11,11 +11,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import require_api_key
 from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
-from app.api.routes import classify, configs, datasets, evaluations, health, jobs, models, reports
+from app.api.request_metrics import RequestMetricsMiddleware
+from app.api.routes import classify, configs, datasets, evaluations, health, jobs, metrics, models, reports
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
 from app.services.datasets import remove_stale_staging
 from app.services.errors import ServiceError
+from app.services.metrics import ServiceMetrics
 
 log = logging.getLogger("intent_tuner")
 
@@ -40,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = ServiceMetrics(settings)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
 
     # Every error answer has one body, app.schemas.ErrorResponse, as the OpenAPI document says.
     app.add_exception_handler(ServiceError, service_error_handler)
@@ -47,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)  # open unless METRICS_REQUIRE_KEY
     # Without a key nothing is protected, and the OpenAPI document then declares no security either.
     protected = {}
     if settings.api_key:

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="Database, uploads, jobs, models, reports.")
     database_url: str | None = Field(default=None, description="Defaults to SQLite in DATA_DIR.")
     api_key: str | None = Field(default=None, description="When set, every endpoint but /health and /docs needs it.")
+    metrics_require_key: bool = Field(
+        default=False, description="GET /metrics needs the bearer API_KEY too (default: open to the scraper).")
     max_upload_bytes: int = 50 * 1024 * 1024
     default_base_model: str = "qwen2.5-coder-0.5b-instruct"
     default_config: str | None = Field(
