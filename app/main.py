@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.deps import require_api_key
 from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
 from app.api.request_metrics import RequestMetricsMiddleware
-from app.api.routes import classify, configs, datasets, evaluations, health, jobs, metrics, models, reports
+from app.api.routes import classify, configs, datasets, evaluations, health, jobs, metrics, models, reports, ui
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
 from app.services.datasets import remove_stale_staging
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(metrics.router)  # open unless METRICS_REQUIRE_KEY
+    ui.add_console(app)  # the page itself is public; it asks for the key its API calls need
     # Without a key nothing is protected, and the OpenAPI document then declares no security either.
     protected = {}
     if settings.api_key:
