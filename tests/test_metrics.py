@@ -140,3 +140,16 @@ def test_openmetrics_when_the_scraper_asks_for_it(client):
     response = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.rstrip().endswith("# EOF")
+
+
+def test_grafana_dashboard_queries_only_metrics_the_service_exposes(client):
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/intent-tuner.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    queried = {re.sub(r"_(total|bucket|count|sum)$", "", name) for expr in exprs
+               for name in re.findall(r"\bintent_tuner_\w+", expr)}
+    exposed = set(scrape(client))
+    assert len(queried) >= 12 and queried <= exposed, queried - exposed
