@@ -37,7 +37,7 @@ def _datasets(client):
 
     train = upload(client, to_cmcc_csv(generate_sample_dialogues(2, seed=21, labels=list(range(6)))).encode(),
                    "train.csv").json()["id"]
-    val = upload(client, to_cmcc_csv(generate_sample_dialogues(1, seed=22, labels=list(range(6)))).encode(),
+    val = upload(client, to_cmcc_csv(generate_sample_dialogues(2, seed=22, labels=list(range(6)))).encode(),
                  "val.csv").json()["id"]
     return train, val
 
@@ -64,6 +64,8 @@ def test_metrics_after_training_classifying_and_queueing(client, settings):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(s["loss"] > 0 and s["steps_per_second"] > 0 and s["tokens_per_second"] > 0 for s in steps)
     assert any(e["kind"] == "base_model" and e["message"].startswith("prepared tiny-glm4") for e in events)
+    # 12 validation dialogues in batches of 8: the first batch is 6/10 of the way, an event.
+    assert [e["data"] for e in events if e["kind"] == "evaluation_progress"] == [{"done": 8, "total": 12}]
     assert job["progress"]["steps_per_second"] > 0
     history = client.get(f"/models/{model_id}/loss_history").json()
     assert [(p["step"], p["loss"]) for p in history["points"]] == [(s["step"], s["loss"]) for s in steps]

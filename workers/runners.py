@@ -149,7 +149,7 @@ def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, datas
         _classifiers = ClassifierRegistry(max_adapters=settings.adapter_cache_size, device=settings.device)
     records = dataset_service.load_records(settings, dataset_id)
     _event(settings, job_id, "evaluation_started", f"evaluating '{model_id}' on {len(records)} dialogues ({mode})")
-    last_write = [0.0]
+    last_write, last_tenth, started = [0.0], [0], time.monotonic()
 
     def progress(done: int, total: int) -> None:
         if should_stop():
@@ -159,6 +159,12 @@ def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, datas
             last_write[0] = now
             with session_scope(settings) as session:
                 job_service.set_progress(session, job_id, {"done": done, "total": total})
+        # Thousands of dialogues take a while: every tenth done is an event (the log, the event list, the CLI).
+        tenth = done * 10 // total
+        if last_tenth[0] < tenth < 10:
+            last_tenth[0] = tenth
+            _event(settings, job_id, "evaluation_progress",
+                   f"evaluated {done}/{total} dialogues in {now - started:.0f} s", {"done": done, "total": total})
 
     report = evaluate_records(_classifiers.get(ref), records, ref.label_set, mode=mode, progress=progress)
     report_id, report_dir = report_service.new_report_dir(settings)

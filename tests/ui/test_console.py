@@ -138,7 +138,7 @@ def test_operator_walks_through_the_console(start_server, browser, artifacts):
     expect(page.locator("#job-phase")).to_have_text("Done: trained 30 steps, evaluated 34 dialogues")
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "30")
     for kind in ("queued", "started", "base_model", "model_loaded", "checkpoint_saved", "finished",
-                 "evaluation_started", "model_registered", "report", "succeeded"):
+                 "evaluation_started", "evaluation_progress", "model_registered", "report", "succeeded"):
         expect(page.locator(f'#job-events tr[data-kind="{kind}"]').first).to_be_attached()
     expect(page.locator('#job-events tr[data-kind="train_log"]')).to_have_count(0)  # hidden unless asked
     page.check("#show-step-logs")
