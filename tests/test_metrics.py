@@ -113,7 +113,7 @@ def test_metrics_after_training_classifying_and_queueing(client, settings):
     assert value(families, "intent_tuner_workers_live") == 1
     assert 0 <= value(families, "intent_tuner_worker_heartbeat_age_seconds", worker=worker_id,
                       hostname=socket.gethostname()) < settings.worker_stale_seconds
-    running = {"job": queued["id"], "kind": "train", "base_model": "tiny-glm4"}
+    running = {"job": queued["id"], "kind": "train", "model": "tiny-glm4"}
     assert value(families, "intent_tuner_job_steps_per_second", **running) == 1.5
     assert value(families, "intent_tuner_job_tokens_per_second", **running) == 812.0
     assert value(families, "intent_tuner_job_eta_seconds", **running) == 6.0

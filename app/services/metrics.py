@@ -89,7 +89,7 @@ class DatabaseCollector:
 
     @staticmethod
     def _running_jobs(session: Session) -> Iterator[Metric]:
-        labels = ["job", "kind", "base_model"]
+        labels = ["job", "kind", "model"]  # model: the base model trained, or the model evaluated
         steps = GaugeMetricFamily(f"{PREFIX}_job_steps_per_second",
                                   "Optimizer steps per second of a running training job", labels=labels)
         tokens = GaugeMetricFamily(f"{PREFIX}_job_tokens_per_second",
