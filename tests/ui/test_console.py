@@ -18,9 +18,11 @@ from playwright.sync_api import expect
 
 from app.data.sample import generate_sample_dialogues, to_cmcc_csv
 
-pytestmark = [pytest.mark.ui, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ui, pytest.mark.timeout(1500)]
 
-JOB_TIMEOUT_MS = 300_000  # a tiny_test job with its validation takes well under a minute alone on 2 cores
+# A tiny_test job with its validation takes well under a minute alone on 2 cores; far longer when the
+# cores are shared with other work, which must not fail the test.
+JOB_TIMEOUT_MS = 480_000
 BAD_CSV = "sentence_sep,c_numerical,label_raw\n您好[SEP]取消彩铃,1,办理取消\n您好[SEP]开通流量,abc,办理开通\n"
 
 
