@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-models test test-slow demo serve bench migrate clean
+.PHONY: setup setup-models test test-ui test-slow demo serve bench migrate clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,21 @@ setup: $(VENV)/.installed
 setup-models: $(VENV)/.models
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not ui" -q
+
+# The console in a real browser: Debian's Chromium (installed here when missing; Playwright downloads
+# no browser) driven by the pinned playwright package, against a real API + worker on the tiny model.
+CHROMIUM := /usr/bin/chromium
+$(VENV)/.ui: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e ".[test,ui]"
+	touch $@
+
+$(CHROMIUM):
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test-ui: $(VENV)/.ui $(CHROMIUM)
+	$(PY) -m pytest -m ui -q tests/ui
 
 test-slow: $(VENV)/.models
 	$(PY) -m pytest -m slow -q

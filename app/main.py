@@ -13,11 +13,13 @@ from app.api.deps import require_api_key
 from app.api.docs import add_docs
 from app.api.errors import error_responses, http_error_handler, service_error_handler, validation_error_handler
 from app.api.middleware import BodyGuard, RelativeRedirects
-from app.api.routes import classify, datasets, evaluations, health, jobs, models, reports
+from app.api.request_metrics import RequestMetricsMiddleware
+from app.api.routes import classify, configs, datasets, evaluations, health, jobs, metrics, models, reports, ui
 from app.core.config import Settings, get_settings
 from app.core.db import run_migrations
 from app.services.datasets import remove_stale_staging
 from app.services.errors import ServiceError
+from app.services.metrics import ServiceMetrics
 
 log = logging.getLogger("intent_tuner")
 
@@ -44,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.metrics = ServiceMetrics(settings)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     # Outermost: the key and the size of a request body are checked before anything reads it.
     app.add_middleware(RelativeRedirects)
     app.add_middleware(BodyGuard, settings=settings)
@@ -55,11 +59,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     add_docs(app)
+    app.include_router(metrics.router)  # open unless METRICS_REQUIRE_KEY
+    ui.add_console(app)  # the page itself is public; it asks for the key its API calls need
     # Without a key nothing is protected, and the OpenAPI document then declares no security either.
     protected = {}
     if settings.api_key:
         protected = {"dependencies": [Depends(require_api_key)], "responses": error_responses(401)}
-    for module in (datasets, jobs, models, classify, evaluations, reports):
+    for module in (datasets, jobs, configs, models, classify, evaluations, reports):
         app.include_router(module.router, **protected)
     return app
 

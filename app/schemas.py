@@ -149,6 +149,7 @@ class Progress(BaseModel):
     loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
+    steps_per_second: float | None = None
     eta_seconds: float | None = None
     epoch: float | None = None
     done: int | None = Field(None, description="evaluation jobs: samples done")
@@ -428,3 +429,20 @@ class HealthOut(BaseModel):
     ready: bool = Field(description="a live worker has polled or heartbeat recently")
     workers: WorkersHealthOut
     queue: QueueHealthOut
+
+
+class RecipeOut(BaseModel):
+    name: str = Field(description="The name to give as a job's 'config'.")
+    base_model: str | None = Field(None, description="The recipe's base model (a job may name another).")
+    default: bool = Field(description="the recipe of a job that names none (DEFAULT_CONFIG, else by hardware)")
+    hyperparameters: dict[str, Any]
+
+
+class LossPoint(BaseModel):
+    step: int
+    loss: float
+
+
+class LossHistoryOut(BaseModel):
+    model_id: str
+    points: list[LossPoint] = Field(description="training loss at each logged step (empty for an older adapter)")

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=50 * 1024 * 1024, ge=1,
         description="Largest dataset file; a request body is refused (413) as soon as it is known to pass it.")
+    metrics_require_key: bool = Field(
+        default=False, description="GET /metrics needs the bearer API_KEY too (default: open to the scraper).")
     default_base_model: str = "qwen2.5-coder-0.5b-instruct"
     default_config: str | None = Field(
         default=None, description="Recipe for jobs that name none; unset: cmcc34_qlora_system_prompt with a GPU, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sqlalchemy import select
@@ -30,6 +31,16 @@ def loss_curve_file(settings: Settings, model: FineTunedModel) -> Path:
     if not path.is_file():
         raise NotFoundError(f"model '{model.id}' has no loss curve")
     return path
+
+
+def loss_history(settings: Settings, model: FineTunedModel) -> list[dict]:
+    """The training loss at each logged step, as the trainer stored it beside the adapter."""
+    from app.domain.artifacts import ADAPTER_METADATA_FILENAME
+
+    meta = settings.resolve_stored_path(model.adapter_path) / ADAPTER_METADATA_FILENAME
+    if not meta.is_file():
+        return []
+    return json.loads(meta.read_text(encoding="utf-8")).get("loss_history") or []
 
 
 def list_base_models(settings: Settings) -> list[dict]:

@@ -29,6 +29,7 @@ from app.services.errors import ServiceError
 from app.services.models import adapter_model_ref, adapter_row, resolve_model_ref
 
 log = logging.getLogger("intent_tuner.worker")
+TRAIN_LOG_FIELDS = ("step", "max_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "steps_per_second")
 
 
 class JobFailure(Exception):
@@ -179,8 +180,9 @@ def _resolve_base_model(settings: Settings, name: str, job_id: str):
     from app.ml.models.registry import BaseModelError, resolve_base_model
 
     _event(settings, job_id, "base_model", f"resolving base model '{name}' (prepared once, then cached)")
-    try:
-        return resolve_base_model(name, settings)
+    try:  # preparing it (join, verify, convert) takes minutes the first time: each stage is an event
+        return resolve_base_model(name, settings,
+                                  progress=lambda message: _event(settings, job_id, "base_model", message))
     except BaseModelError as exc:
         raise JobFailure("base_model_unavailable", str(exc)) from None
 
@@ -199,7 +201,12 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool], class
     job_dir = settings.jobs_dir / job.id
 
     def on_log(metrics: dict) -> None:
+        # The progress holds the latest figures; a train_log event per logged step keeps the loss curve
+        # (the console draws it live from the events it polls).
         with session_scope(settings) as session:
+            job_service.add_event(session, job.id, "train_log",
+                                  f"step {metrics['step']}/{metrics['max_steps']}: loss {metrics['loss']:.4f}",
+                                  {k: metrics.get(k) for k in TRAIN_LOG_FIELDS})
             queue.set_progress(session, job.id, metrics)
 
     hooks = TrainingHooks(
@@ -252,7 +259,7 @@ def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, datas
 
     records = dataset_service.load_records(settings, dataset_id)
     _event(settings, job_id, "evaluation_started", f"evaluating '{model_id}' on {len(records)} dialogues ({mode})")
-    last_write = [0.0]
+    last_write, last_tenth, started = [0.0], [0], time.monotonic()
 
     def progress(done: int, total: int) -> None:
         if should_stop():
@@ -262,6 +269,12 @@ def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, datas
             last_write[0] = now
             with session_scope(settings) as session:
                 queue.set_progress(session, job_id, {"done": done, "total": total})
+        # Thousands of dialogues take a while: every tenth done is an event (the log, the event list, the CLI).
+        tenth = done * 10 // total
+        if last_tenth[0] < tenth < 10:
+            last_tenth[0] = tenth
+            _event(settings, job_id, "evaluation_progress",
+                   f"evaluated {done}/{total} dialogues in {now - started:.0f} s", {"done": done, "total": total})
 
     report = evaluate_records(classifiers.get().get(ref), records, ref.label_set, mode=mode, progress=progress)
     report_id, report_dir = report_service.new_report_dir(settings)

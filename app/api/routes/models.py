@@ -3,7 +3,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep
 from app.api.errors import error_responses
-from app.schemas import BaseModelOut, FineTunedModelOut, ModelsOut
+from app.schemas import BaseModelOut, FineTunedModelOut, LossHistoryOut, LossPoint, ModelsOut
 from app.services import models as service
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -29,3 +29,10 @@ def get_model(model_id: str, session: SessionDep) -> FineTunedModelOut:
             responses={**_PNG, **error_responses(404, 422)})
 def loss_curve(model_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
     return FileResponse(service.loss_curve_file(settings, service.get_adapter(session, model_id)), media_type="image/png")
+
+
+@router.get("/{model_id}/loss_history", response_model=LossHistoryOut, responses=error_responses(404, 422),
+            summary="Training loss by step (the numbers behind loss_curve.png)")
+def loss_history(model_id: str, session: SessionDep, settings: SettingsDep) -> LossHistoryOut:
+    points = service.loss_history(settings, service.get_adapter(session, model_id))
+    return LossHistoryOut(model_id=model_id, points=[LossPoint(**p) for p in points])

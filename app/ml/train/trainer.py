@@ -71,7 +71,7 @@ class TrainingHooks:
     """How a caller follows and steers a run (all optional; called from the training thread).
 
     - ``on_log(record)`` every ``logging_steps``: step, max_steps, epoch, loss, learning_rate,
-      tokens_per_second, samples_per_second, eta_seconds.
+      tokens_per_second, samples_per_second, steps_per_second, eta_seconds.
     - ``on_event(kind, message, data)``: "model_loaded", "dataset_encoded", "resumed",
       "checkpoint_saved", "cancelled", "finished", "training_done" (finished earlier: nothing
       trained), "warning".
@@ -199,12 +199,12 @@ class _ProgressCallback(TrainerCallback):
     def __init__(self, hooks: TrainingHooks, throughput: _Throughput, checkpoints_dir: Path):
         self.hooks, self.throughput, self.checkpoints_dir = hooks, throughput, checkpoints_dir
         self.start_time = self.window_time = time.monotonic()
-        self.start_step = 0
+        self.start_step = self.window_step = 0
         self.window_tokens = self.window_samples = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start_time = self.window_time = time.monotonic()
-        self.start_step = state.global_step
+        self.start_step = self.window_step = state.global_step
         self.window_tokens, self.window_samples = self.throughput.tokens, self.throughput.samples
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -222,9 +222,10 @@ class _ProgressCallback(TrainerCallback):
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_second": (self.throughput.tokens - self.window_tokens) / window,
             "samples_per_second": (self.throughput.samples - self.window_samples) / window,
+            "steps_per_second": (state.global_step - self.window_step) / window,
             "eta_seconds": per_step * (state.max_steps - state.global_step) if per_step is not None else None,
         }
-        self.window_time = now
+        self.window_time, self.window_step = now, state.global_step
         self.window_tokens, self.window_samples = self.throughput.tokens, self.throughput.samples
         self.hooks.on_log(record)
 
