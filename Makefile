@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-models test test-ui test-slow demo serve bench migrate clean
+.PHONY: setup setup-models test test-ui test-slow test-scale postgres-binaries demo serve bench migrate clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ setup: $(VENV)/.installed
 setup-models: $(VENV)/.models
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow and not ui" -q
+	$(PY) -m pytest -m "not slow and not ui and not scale" -q
 
 # The console in a real browser: Debian's Chromium (installed here when missing; Playwright downloads
 # no browser) driven by the pinned playwright package, against a real API + worker on the tiny model.
@@ -48,6 +48,22 @@ $(CHROMIUM):
 
 test-ui: $(VENV)/.ui $(CHROMIUM)
 	$(PY) -m pytest -m ui -q tests/ui
+
+# Scale-out: a real PostgreSQL server (a throw-away cluster per run, tests/pg.py) and real worker and
+# torchrun processes; then the API and worker suites again, every test on a fresh PostgreSQL database.
+SCALE_SUITES := tests/test_jobs.py tests/test_datasets_api.py tests/reliability tests/test_training_e2e.py
+test-scale: $(VENV)/.installed postgres-binaries
+	$(PY) -m pytest -m scale -q
+	TEST_DATABASE=postgres $(PY) -m pytest -m "not slow and not ui and not scale" -q $(SCALE_SUITES)
+
+# Debian's PostgreSQL server binaries (initdb, pg_ctl), installed when neither they nor PG_BIN are there.
+postgres-binaries:
+	@if [ -n "$$PG_BIN" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; \
+	then :; else \
+		echo "installing the PostgreSQL server (apt-get install postgresql)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql; \
+	fi
 
 test-slow: $(VENV)/.models
 	$(PY) -m pytest -m slow -q

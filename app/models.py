@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -76,6 +76,10 @@ class Job(Base):
     # evaluate jobs: which model, which mode
     target_model_id: Mapped[str | None] = mapped_column(String(200))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
+    # What the job asks of its worker: {"gpus": n, "processes": n, "labels": [...]} (app.schemas.JobResources).
+    resources: Mapped[dict | None] = mapped_column(JSON, default=dict)
+    # resources.labels as one canonical string (app.domain.labels): a worker claims a job only when it has them all.
+    required_labels: Mapped[str] = mapped_column(String(200), default="", server_default="")
     progress: Mapped[dict] = mapped_column(JSON, default=dict)
     error_code: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -89,11 +93,15 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    __table_args__ = (Index("ix_jobs_status_required_labels", "status", "required_labels"),)
+
 
 class JobEvent(Base):
     __tablename__ = "job_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # 64-bit ids (GET /jobs/{id}/events?after_id=); SQLite's INTEGER PRIMARY KEY already is one.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     kind: Mapped[str] = mapped_column(String(40))
@@ -147,6 +155,7 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     current_job_id: Mapped[str | None] = mapped_column(String(40))
+    labels: Mapped[str] = mapped_column(String(200), default="", server_default="")  # canonical, as jobs'
 
 
 JOB_TERMINAL = ("succeeded", "failed", "cancelled")

@@ -20,6 +20,7 @@ from pydantic import (
 
 from app.domain.labels import MAX_LABEL_ID
 from app.domain.prompt import MAX_LABEL_NAME_CHARS, check_label_name
+from app.domain.resources import JobResources
 from app.ml.train.config import TrainingConfig, TrainingOverrides
 
 
@@ -141,6 +142,10 @@ class JobCreate(RequestBody):
         None, description="Overrides of the recipe's hyperparameters (any subset).",
         examples=[{"max_steps": 30, "learning_rate": 0.0004}],
     )
+    resources: JobResources | None = Field(
+        None, description="Where and how wide the training runs: GPUs (one torchrun process each), CPU "
+                          "processes, worker labels. Default: all the GPUs of any worker, or one CPU process.",
+        examples=[{"gpus": 2, "labels": ["gpu"]}])
 
 
 class Progress(BaseModel):
@@ -174,6 +179,7 @@ class JobOut(BaseModel):
     base_model: str | None
     config: str | None = Field(validation_alias=AliasChoices("config", "config_name"))
     hyperparameters: dict[str, Any]
+    resources: JobResources = Field(default_factory=JobResources)
     target_model_id: str | None = None
     progress: Progress
     error: JobError | None = None
@@ -194,6 +200,7 @@ class JobOut(BaseModel):
         fields = {name: getattr(row, name) for name in cls.model_fields if hasattr(row, name)}
         fields["config"] = row.config_name
         fields["hyperparameters"] = row.hyperparameters or {}
+        fields["resources"] = row.resources or {}
         # Progress keeps the keys it knows: training steps and evaluation counts share one JSON column.
         fields["progress"] = {k: v for k, v in (row.progress or {}).items() if k in Progress.model_fields}
         fields["error"] = ({"code": row.error_code or "error", "message": row.error_message or ""}
@@ -407,6 +414,7 @@ class WorkerHealthOut(BaseModel):
     hostname: str
     pid: int | None = None
     current_job_id: str | None = None
+    labels: list[str] = Field(default_factory=list, description="WORKER_LABELS: it runs jobs that ask for these")
     last_seen_seconds_ago: float
     alive: bool = Field(description="seen within stale_after_seconds (and, on this host, its process exists)")
 

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from tests.conftest import upload
+from tests.conftest import database_env, upload
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -25,7 +25,7 @@ def make_datasets(client, *, per_label_train: int = 3, per_label_val: int = 1, l
 
 
 def worker_env(settings, **extra: str) -> dict:
-    return {**os.environ, "DATA_DIR": str(settings.data_dir), "WORKER_POLL_SECONDS": "0.2",
+    return {**os.environ, **database_env(settings), "WORKER_POLL_SECONDS": "0.2",
             "WORKER_HEARTBEAT_SECONDS": "0.5", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
@@ -55,19 +55,59 @@ def wait_for(predicate, seconds: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def unshare_pid_prefix() -> list[str] | None:
+    """A command prefix that runs a process in a new pid namespace (as in another container of the same
+    host name), or None where util-linux unshare is missing or not allowed."""
+    for prefix in (["unshare", "--pid", "--fork", "--kill-child"],
+                   ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]):
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+class _LockedDatabase:
+    """The connection that holds the lock; ``execute`` takes SQLite's ``?`` placeholders on both databases."""
+
+    def __init__(self, connection, placeholder: str):
+        self.connection, self.placeholder = connection, placeholder
+
+    def execute(self, sql: str, params: tuple = ()):
+        return self.connection.execute(sql.replace("?", self.placeholder), params)
+
+
 @contextmanager
 def write_lock(settings):
-    """Hold SQLite's write lock: every write of another process waits (readers go on, WAL)."""
+    """Hold the database's write lock: every write of another process waits (readers go on).
+
+    SQLite: its one write lock (WAL readers go on). PostgreSQL: the job tables locked IN EXCLUSIVE MODE,
+    which lets plain reads through and makes every write (and every SELECT ... FOR UPDATE) wait."""
+    if settings.database_url and settings.database_url.startswith("postgresql"):
+        import psycopg
+        from sqlalchemy import make_url
+
+        url = make_url(settings.database_url)
+        connection = psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                                     dbname=url.database)
+        try:
+            connection.execute("LOCK TABLE jobs, job_events, models, reports, workers IN EXCLUSIVE MODE")
+            yield _LockedDatabase(connection, "%s")
+        finally:
+            connection.rollback()
+            connection.close()
+        return
     connection = sqlite3.connect(settings.data_dir / "intent_tuner.db", timeout=60, isolation_level=None)
     try:
         connection.execute("BEGIN IMMEDIATE")
-        yield connection
+        yield _LockedDatabase(connection, "?")
     finally:
         connection.execute("ROLLBACK")
         connection.close()

@@ -11,12 +11,12 @@ from app.core.db import session_scope
 from app.domain.cmcc34 import CMCC34_LABEL_SET
 from app.domain.prompt import build_system_prompt
 from app.services.models import register_adapter
-from tests.conftest import upload
+from tests.conftest import database_env, upload
 from tests.ml.conftest import make_random_lora_adapter
 
 
 def _cli(settings, *args, stdin: str | None = None, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATA_DIR": str(settings.data_dir), **env_vars}
+    env = {**os.environ, **database_env(settings), **env_vars}
     return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, input=stdin, capture_output=True,
                           text=True, timeout=600)
 

@@ -70,6 +70,30 @@ def test_cancel_queued_job_then_cancel_again_conflicts(client, sample_csv):
     assert client.post("/jobs/job_nope/cancel").status_code == 404
 
 
+def test_job_resources_are_stored_and_shown(client, sample_csv):
+    dataset_id = _dataset(client, sample_csv)
+    job = client.post("/jobs", json={"dataset_id": dataset_id, "resources": {"gpus": 2, "labels": ["gpu", "a100"]}})
+    assert job.status_code == 201, job.text
+    assert job.json()["resources"] == {"gpus": 2, "processes": None, "labels": ["gpu", "a100"]}
+    plain = client.post("/jobs", json={"dataset_id": dataset_id}).json()
+    assert plain["resources"] == {"gpus": None, "processes": None, "labels": []}
+
+
+@pytest.mark.parametrize("resources,field", [
+    ({"gpus": 0}, "resources.gpus"),
+    ({"processes": 65}, "resources.processes"),
+    ({"gpus": 1, "processes": 2}, "resources"),
+    ({"labels": ["GPU"]}, "resources.labels[0]"),
+    ({"labels": [f"l{i}" for i in range(9)]}, "resources.labels"),
+    ({"cores": 4}, "resources.cores"),
+])
+def test_invalid_resources_name_the_field(client, sample_csv, resources, field):
+    response = client.post("/jobs", json={"dataset_id": _dataset(client, sample_csv), "resources": resources})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]["field"] == field
+    assert client.get("/jobs").json() == []
+
+
 def test_dataset_in_use_cannot_be_deleted(client, sample_csv):
     dataset_id = _dataset(client, sample_csv)
     client.post("/jobs", json={"dataset_id": dataset_id})
@@ -90,16 +114,17 @@ def _insert_jobs(settings, n: int, **fields) -> list[str]:
         for _ in range(n):
             job = Job(id=new_id("job"), kind="train", status=fields.get("status", "queued"), dataset_id=dataset.id,
                       hyperparameters={}, progress={}, worker_id=fields.get("worker_id"),
-                      attempts=fields.get("attempts", 0), heartbeat_at=fields.get("heartbeat_at"))
+                      attempts=fields.get("attempts", 0), heartbeat_at=fields.get("heartbeat_at"),
+                      required_labels=fields.get("required_labels", ""))
             session.add(job)
             ids.append(job.id)
     return ids
 
 
-def _claim_until_empty(data_dir: str, out_path: str) -> None:
+def _claim_until_empty(data_dir: str, database_url: str | None, out_path: str) -> None:
     from app.core.config import Settings
 
-    settings = Settings(data_dir=data_dir)
+    settings = Settings(data_dir=data_dir, database_url=database_url)
     worker_id = queue.worker_identity()
     claimed = []
     while True:
@@ -117,7 +142,7 @@ def test_two_workers_racing_run_each_job_once(settings, tmp_path):
     ids = _insert_jobs(settings, 40)
     ctx = mp.get_context("spawn")
     outs = [tmp_path / f"claims{i}.txt" for i in range(2)]
-    workers = [ctx.Process(target=_claim_until_empty, args=(str(settings.data_dir), str(o))) for o in outs]
+    workers = [ctx.Process(target=_claim_until_empty, args=(str(settings.data_dir), settings.database_url, str(o))) for o in outs]
     for w in workers:
         w.start()
     for w in workers:
@@ -128,6 +153,21 @@ def test_two_workers_racing_run_each_job_once(settings, tmp_path):
     with session_scope(settings) as session:
         jobs = session.query(Job).all()
         assert {j.status for j in jobs} == {"succeeded"} and {j.attempts for j in jobs} == {1}
+
+
+def test_workers_claim_only_the_jobs_whose_labels_they_have(settings):
+    plain, gpu, a100 = (_insert_jobs(settings, 1, required_labels=labels)[0] for labels in ("", "gpu", "a100,gpu"))
+
+    def claim(labels: str):
+        with session_scope(settings) as session:
+            job = queue.claim_next_job(session, queue.worker_identity(), labels)
+            return job.id if job else None
+
+    assert claim("cpu") == plain  # a job without labels runs anywhere
+    assert claim("cpu") is None  # the gpu jobs wait for a gpu worker
+    assert claim("gpu") == gpu
+    assert claim("gpu") is None  # the a100 job needs both labels
+    assert claim("a100,gpu,fast") == a100
 
 
 def test_job_of_a_dead_worker_is_requeued_then_failed_after_max_attempts(settings):
@@ -148,8 +188,10 @@ def test_job_of_a_dead_worker_is_requeued_then_failed_after_max_attempts(setting
     with session_scope(settings) as session:
         status = {j.id: (j.status, j.error_code) for j in session.query(Job).all()}
         kinds = {e.job_id: e.kind for e in session.query(JobEvent).all()}
+        messages = {e.job_id: e.message for e in session.query(JobEvent).all()}
     assert status[requeue] == ("queued", None) and kinds[requeue] == "recovered"
-    assert status[stale] == ("queued", None)
+    assert "its process is gone" in messages[requeue]
+    assert status[stale] == ("queued", None) and "no heartbeat for" in messages[stale]
     assert status[give_up] == ("failed", "worker_lost")
     assert status[live] == ("running", None)
 
@@ -161,3 +203,21 @@ def test_an_evaluation_id_names_only_evaluation_jobs(client, sample_csv):
     assert response.status_code == 404
     assert f"'{job_id}' is a train job" in response.json()["detail"]["message"]
     assert client.get(f"/jobs/{job_id}").status_code == 200
+
+
+def test_a_pid_counts_only_in_its_own_pid_namespace():
+    """Two containers may share a host name, never a pid namespace: a worker in another one is judged by its
+    heartbeat, even when its pid names no process here (it would be taken for dead and its job run twice)."""
+    from tests.support import unshare_pid_prefix
+
+    prefix = unshare_pid_prefix()
+    if prefix is None:
+        pytest.skip("unshare cannot make a pid namespace here")
+    inner = subprocess.run([*prefix, sys.executable, "-c", "from app.services.queue import worker_identity; "
+                            "print(worker_identity())"], capture_output=True, text=True, check=True).stdout.strip()
+    host, _, rest = inner.split(":", 2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert host.split("#")[0] == os.uname().nodename
+    assert not queue.pid_dead_here(f"{host}:{dead.pid}:{rest}")  # a pid that exists only over there
+    assert queue.pid_dead_here(f"{queue.host_key()}:{dead.pid}:{rest}")  # the same pid here: dead

@@ -13,7 +13,7 @@ import signal
 import threading
 
 from app.core.config import Settings
-from app.core.db import run_migrations, session_scope
+from app.core.db import display_url, run_migrations, session_scope
 from app.services import pipelines, queue, worker_registry
 
 log = logging.getLogger("intent_tuner.worker")
@@ -32,17 +32,18 @@ class Worker:
 
     def run_forever(self, *, exit_when_idle: bool = False, max_jobs: int | None = None) -> int:
         run_migrations(self.settings)
-        log.info("worker %s polling %s", self.worker_id, self.settings.sqlalchemy_url)
+        log.info("worker %s (labels: %s) polling %s", self.worker_id, self.settings.worker_labels or "none",
+                 display_url(self.settings))
         done = 0
         try:
             while not self._shutdown.is_set():
                 if max_jobs is not None and done >= max_jobs:
                     break
                 with session_scope(self.settings) as session:
-                    worker_registry.touch_worker(session, self.worker_id)
+                    worker_registry.touch_worker(session, self.worker_id, labels=self.settings.worker_labels)
                     for job_id in queue.recover_orphaned_jobs(session, self.settings):
                         log.warning("recovered orphaned job %s", job_id)
-                    job = queue.claim_next_job(session, self.worker_id)
+                    job = queue.claim_next_job(session, self.worker_id, self.settings.worker_labels)
                 if job is None:
                     if exit_when_idle:
                         break

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = 60.0
     # How many times a job orphaned by a dead worker is resumed before it is failed.
     max_job_attempts: int = 3
+    worker_labels: str = Field(
+        default="", description="What this worker offers, e.g. 'gpu,a100': it claims only jobs whose "
+                                "resources.labels it has all of (and every job without labels).")
     device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
     glm4_9b_path: Path | None = Field(
         default=None, validation_alias="GLM4_9B_PATH",
@@ -67,6 +70,13 @@ class Settings(BaseSettings):
         default=1024, ge=16,
         description="Prompt tokens a zero-shot model (or an adapter whose recipe recorded none) sees at most; "
                     "a longer dialogue loses its end, as in training.")
+
+    @field_validator("worker_labels")
+    @classmethod
+    def _canonical_worker_labels(cls, value: str) -> str:
+        from app.domain.resources import parse_labels
+
+        return parse_labels(value)
 
     @property
     def max_form_body_bytes(self) -> int:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.domain.resources import JobResources, canonical_labels
 from app.ml.train.config import TrainingConfig, available_configs, default_config_name, resolve_training_config
 from app.models import JOB_TERMINAL, Dataset, Job, JobEvent, new_id, utcnow
 from app.services.datasets import get_dataset, label_set_of
@@ -25,7 +26,8 @@ from app.services.rows import get_row
 
 
 def create_training_job(session: Session, settings: Settings, *, dataset_id: str, validation_dataset_id: str | None,
-                        base_model: str | None, config: str | None, hyperparameters: dict | None) -> Job:
+                        base_model: str | None, config: str | None, hyperparameters: dict | None,
+                        resources: JobResources | None = None) -> Job:
     dataset = get_dataset(session, dataset_id)
     if validation_dataset_id:
         validation = get_dataset(session, validation_dataset_id)
@@ -44,10 +46,12 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
     base = base_model or recipe_base_model or settings.default_base_model
     _check_base_model(base, settings, from_config=None if base_model else config_name)
     _check_target_modules(base, training_config, settings)
+    resources = resources or JobResources()
     job = Job(
         id=new_id("job"), kind="train", status="queued", dataset_id=dataset.id,
         validation_dataset_id=validation_dataset_id, base_model=base, config_name=config_name,
         hyperparameters=training_config.model_dump(), progress={},
+        resources=resources.model_dump(exclude_defaults=True), required_labels=canonical_labels(resources.labels),
     )
     message = (f"training job queued on dataset {dataset.id} ({dataset.n_rows} rows, "
                f"{len(label_set_of(dataset))} labels), base model {base}, config {config_name}")

@@ -1,10 +1,12 @@
 """The worker side of the job queue: claim, heartbeat, progress, finish, requeue, recover.
 
 Every transition is one conditional UPDATE, so two workers never run one job: a claim only moves a
-``queued`` job, and a worker records an outcome only while the job still runs for it (one found
-orphaned by its stale heartbeat and handed to another records nothing). A job whose worker died is
-found by that heartbeat (or a dead pid on this host) and requeued to resume from its checkpoint,
-or failed after too many attempts: no job stays ``running`` forever.
+``queued`` job (on PostgreSQL the candidate row is taken with ``FOR UPDATE SKIP LOCKED``), and a worker
+records an outcome only while the job still runs for it (one found orphaned by its stale heartbeat and
+handed to another records nothing). A job whose worker died is found by that heartbeat (or a dead pid
+on this host and pid namespace) and requeued to resume from its checkpoint, or failed after too many
+attempts: no job stays ``running`` forever. Workers may run on many hosts sharing the database and
+DATA_DIR; a worker claims only jobs whose ``resources.labels`` it has (WORKER_LABELS).
 """
 
 from __future__ import annotations
@@ -17,21 +19,45 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import is_postgresql
+from app.domain.resources import claimable_label_sets
 from app.models import JOB_TERMINAL, Job, new_id, utcnow
 from app.services.jobs import add_event, get_job
 from app.services.models import planned_model_id, register_adapter
 from app.services.reports import record_report
 
 
+def host_key() -> str:
+    """This host as worker ids name it: the host name, and the pid namespace where it can be read. Two
+    containers may share a host name but never a pid namespace, and a pid means something only inside its
+    own: a worker judges another one's liveness by its pid only when this key matches, else by heartbeat."""
+    host = socket.gethostname()
+    try:
+        return f"{host}#{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
 def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{new_id('w')[2:10]}"
+    return f"{host_key()}:{os.getpid()}:{new_id('w')[2:10]}"
 
 
-def claim_next_job(session: Session, worker_id: str) -> Job | None:
-    """Atomically move the oldest queued job to running for this worker (one UPDATE ... WHERE status='queued')."""
+def claim_next_job(session: Session, worker_id: str, labels: str = "") -> Job | None:
+    """Atomically move the oldest queued job this worker may run (it has all the job's ``resources.labels``;
+    ``labels`` is the worker's canonical label string) to running for this worker.
+
+    On PostgreSQL the candidate row is locked with ``SELECT ... FOR UPDATE SKIP LOCKED``: workers claiming
+    at once each get a different job without waiting on one another. On SQLite (one writer at a time) the
+    conditional ``UPDATE ... WHERE status = 'queued'`` decides, and a worker that lost the race tries the next.
+    """
     while True:
-        candidate = session.scalar(select(Job.id).where(Job.status == "queued").order_by(Job.created_at).limit(1))
+        query = (select(Job.id).where(Job.status == "queued", Job.required_labels.in_(claimable_label_sets(labels)))
+                 .order_by(Job.created_at, Job.id).limit(1))
+        if is_postgresql(session):
+            query = query.with_for_update(skip_locked=True)
+        candidate = session.scalar(query)
         if candidate is None:
+            session.rollback()  # ends the transaction (and any row lock) at once
             return None
         now = utcnow()
         claimed = session.execute(
@@ -59,10 +85,21 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     return not ours or bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def set_progress(session: Session, job_id: str, progress: dict) -> None:
-    """Merge ``progress`` into the job's progress (training steps and evaluation counts live side by side)."""
-    current = session.scalar(select(Job.progress).where(Job.id == job_id)) or {}
-    session.execute(update(Job).where(Job.id == job_id).values(progress={**current, **progress}, heartbeat_at=utcnow()))
+def set_progress(session: Session, job_id: str, progress: dict, *, worker_id: str | None = None) -> None:
+    """Merge ``progress`` into the job's progress (training steps and evaluation counts live side by side);
+    with ``worker_id`` only while the job still runs for that worker (a training process left behind by a
+    worker that lost its job must not overwrite its successor's progress)."""
+    query = select(Job.progress).where(Job.id == job_id)
+    if worker_id is not None:
+        query = query.where(Job.worker_id == worker_id, Job.status == "running")
+    current = session.execute(query).first()
+    if current is None:
+        session.rollback()
+        return
+    scope = update(Job).where(Job.id == job_id)
+    if worker_id is not None:
+        scope = scope.where(Job.worker_id == worker_id, Job.status == "running")
+    session.execute(scope.values(progress={**(current[0] or {}), **progress}, heartbeat_at=utcnow()))
     session.commit()
 
 
@@ -128,11 +165,13 @@ def requeue_job(session: Session, job_id: str, worker_id: str, message: str) -> 
 
 
 def pid_dead_here(worker_id: str | None) -> bool:
-    """True when worker_id names a process on this host that no longer exists."""
+    """True when worker_id names a process of this host (and pid namespace) that no longer exists."""
     if not worker_id or worker_id.count(":") < 2:
         return False
     host, pid, _ = worker_id.split(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
+    # Ids without a namespace part are from workers of older versions: their host name alone decides.
+    here = host_key() if "#" in host else socket.gethostname()
+    if host != here or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
         return False
@@ -147,19 +186,25 @@ def pid_dead_here(worker_id: str | None) -> bool:
 
 def recover_orphaned_jobs(session: Session, settings: Settings) -> list[str]:
     """Requeue (to resume from its checkpoint) or fail every running job whose worker is gone."""
-    stale_before = utcnow() - timedelta(seconds=settings.worker_stale_seconds)
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.worker_stale_seconds)
     recovered = []
     for job in session.scalars(select(Job).where(Job.status == "running")):
         beat = job.heartbeat_at
-        if not (pid_dead_here(job.worker_id) or beat is None or beat < stale_before):
+        if pid_dead_here(job.worker_id):
+            why = "its process is gone"
+        elif beat is None or beat < stale_before:
+            why = f"no heartbeat for {(now - beat).total_seconds():.0f} s" if beat else "no heartbeat"
+        else:
             continue
         if job.cancel_requested:
-            new_status, message = "cancelled", "worker died after a cancel request; job cancelled"
+            new_status, message = "cancelled", f"worker died after a cancel request ({why}); job cancelled"
         elif job.attempts >= settings.max_job_attempts:
-            new_status, message = "failed", (f"worker {job.worker_id} died and the job already ran "
+            new_status, message = "failed", (f"worker {job.worker_id} died ({why}) and the job already ran "
                                              f"{job.attempts} times; giving up")
         else:
-            new_status, message = "queued", f"worker {job.worker_id} died; requeued to resume from its last checkpoint"
+            new_status, message = "queued", (f"worker {job.worker_id} died ({why}); requeued to resume from its "
+                                             "last checkpoint")
         changed = session.execute(
             update(Job).where(Job.id == job.id, Job.status == "running", Job.worker_id == job.worker_id)
             .values(status=new_status, worker_id=None,

@@ -18,15 +18,15 @@ from app.services.queue import pid_dead_here
 FORGET_AFTER = timedelta(days=1)  # rows of workers not seen for this long are dropped
 
 
-def touch_worker(session: Session, worker_id: str, current_job_id: str | None = None) -> None:
-    """Record that ``worker_id`` is alive now (and what it runs)."""
+def touch_worker(session: Session, worker_id: str, current_job_id: str | None = None, labels: str = "") -> None:
+    """Record that ``worker_id`` is alive now (and what it runs; ``labels``: its canonical labels)."""
     now = utcnow()
     updated = session.execute(
         update(WorkerRow).where(WorkerRow.id == worker_id).values(last_seen_at=now, current_job_id=current_job_id)
     ).rowcount
     if not updated:
         session.add(WorkerRow(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now,
-                              last_seen_at=now, current_job_id=current_job_id))
+                              last_seen_at=now, current_job_id=current_job_id, labels=labels))
         gone = [row.id for row in session.scalars(select(WorkerRow).where(WorkerRow.id != worker_id))
                 if pid_dead_here(row.id) or row.last_seen_at < now - FORGET_AFTER]
         if gone:  # workers of this host that died (their jobs are recovered by heartbeat/pid) or long silent
@@ -49,6 +49,7 @@ def health_summary(session: Session, settings: Settings) -> dict:
         seen = row.last_seen_at
         workers.append({
             "id": row.id, "hostname": row.hostname, "pid": row.pid, "current_job_id": row.current_job_id,
+            "labels": [label for label in (row.labels or "").split(",") if label],
             "last_seen_seconds_ago": round((now - seen).total_seconds(), 3),
             "alive": seen >= stale_before and not pid_dead_here(row.id),
         })

@@ -136,10 +136,11 @@ def test_a_job_whose_evaluation_fails_leaves_no_model(client, settings):
 
 def test_upgrade_keeps_one_model_per_job_from_a_database_that_has_two(settings, tmp_path):
     """Databases written before the fix may hold two models of one job: the oldest keeps the link."""
-    import sqlite3
+    from datetime import datetime, timezone
 
     from alembic import command
     from alembic.config import Config
+    from sqlalchemy import create_engine, text
 
     from app.core.config import PROJECT_ROOT
 
@@ -149,17 +150,18 @@ def test_upgrade_keeps_one_model_per_job_from_a_database_that_has_two(settings, 
     cfg.set_main_option("sqlalchemy.url", settings.sqlalchemy_url)
     cfg.attributes["configure_logger"] = False
     command.upgrade(cfg, "0001")
-    db = sqlite3.connect(settings.data_dir / "intent_tuner.db")
-    db.execute("INSERT INTO datasets VALUES ('ds_1','d',NULL,'cmcc_csv',NULL,1,'[]','{}','{}','p',1,"
-               "'2026-11-01 00:00:00')")
-    db.execute("INSERT INTO jobs (id, kind, status, dataset_id, hyperparameters, params, progress, cancel_requested, "
-               "attempts, created_at) VALUES ('job_1','train','succeeded','ds_1','{}','{}','{}',0,2,"
-               "'2026-11-01 00:00:00')")
-    for model_id, created in (("ft_new", "2026-11-02 00:00:00"), ("ft_old", "2026-11-01 00:00:00")):
-        db.execute("INSERT INTO models VALUES (?, 'm', 'tiny-glm4', 'job_1', 'ds_1', '/a', '[]', 'p', 'none', '{}', ?)",
-                   (model_id, created))
-    db.commit()
-    db.close()
+    day = lambda n: datetime(2026, 11, n, tzinfo=timezone.utc)  # noqa: E731
+    engine = create_engine(settings.sqlalchemy_url)
+    with engine.begin() as db:
+        db.execute(text("INSERT INTO datasets VALUES ('ds_1','d',NULL,'cmcc_csv',NULL,1,'[]','{}','{}','p',1,:at)"),
+                   {"at": day(1)})
+        db.execute(text("INSERT INTO jobs (id, kind, status, dataset_id, hyperparameters, params, progress, "
+                        "cancel_requested, attempts, created_at) VALUES ('job_1','train','succeeded','ds_1','{}','{}',"
+                        "'{}',:no,2,:at)"), {"no": False, "at": day(1)})
+        for model_id, created in (("ft_new", day(2)), ("ft_old", day(1))):
+            db.execute(text("INSERT INTO models VALUES (:id, 'm', 'tiny-glm4', 'job_1', 'ds_1', '/a', '[]', 'p', "
+                            "'none', '{}', :at)"), {"id": model_id, "at": created})
+    engine.dispose()
 
     run_migrations(settings)
     with session_scope(settings) as session:

@@ -29,7 +29,7 @@ def _freeze_mid_evaluation(settings, job_id: str, worker, seconds: float = 300):
         lock = write_lock(settings)
         connection = lock.__enter__()
         status, progress = connection.execute("SELECT status, progress FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        progress = json.loads(progress or "{}")
+        progress = (json.loads(progress) if isinstance(progress, str) else progress) or {}
         assert status not in TERMINAL, f"the job ended ({status}) before its evaluation could be interrupted"
         if progress.get("total") and progress.get("done", 0) < progress["total"]:
             return lock, progress

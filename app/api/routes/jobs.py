@@ -15,6 +15,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep) -> J
         session, settings, dataset_id=body.dataset_id, validation_dataset_id=body.validation_dataset_id,
         base_model=body.base_model, config=body.config,
         hyperparameters=body.hyperparameters.model_dump(exclude_none=True) if body.hyperparameters else None,
+        resources=body.resources,
     )
     return JobOut.model_validate(job)
 
