@@ -5,6 +5,9 @@ DATA_DIR/jobs/<job id>/adapter/            the trained LoRA adapter (its existen
                        adapter/intent_tuner.json   system prompt, label set, recipe, metrics, loss history
                        adapter/loss_curve.png
                        checkpoints/checkpoint-<step>/   resumable state, removed once the job succeeded
+                       launch/             the training process's run (app.services.training_process):
+                                           spec.json, stop, outcome.json, error-rank<r>.json, failures.json
+                       .training.lock      held by the training process (rank 0) while it runs
 DATA_DIR/reports/<report id>/results.json, error_predictions.json, failed_predictions.json,
                              detailed_analysis.json, confusion_matrix.png
 """
@@ -14,6 +17,8 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_METADATA_FILENAME = "intent_tuner.json"
 LOSS_CURVE_FILENAME = "loss_curve.png"
+LAUNCH_DIRNAME = "launch"
+TRAINING_LOCK_FILENAME = ".training.lock"
 
 REPORT_RESULTS_FILENAME = "results.json"
 REPORT_ERRORS_FILENAME = "error_predictions.json"

@@ -4,7 +4,9 @@ Same ml code as the API (``app.ml``), state through the services. ``run_claimed_
 process claimed to its end: a heartbeat thread keeps it alive and turns a cancel request (or the loss
 of the job to another worker) into a stop at the next step; what the job produced is stored only when
 it succeeds; a crash fails it, never leaves it ``running``; a shutdown requeues it to resume from its
-checkpoint.
+checkpoint. Training itself runs in a child process, or a torchrun group of them for several GPUs
+(``app.services.training_process``): a segfault or an out-of-memory kill there fails the job, and
+this process goes on polling. Evaluation runs here, with this process's classifiers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from app.services.errors import ServiceError
 from app.services.models import adapter_model_ref, adapter_row, resolve_model_ref
 
 log = logging.getLogger("intent_tuner.worker")
-TRAIN_LOG_FIELDS = ("step", "max_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "steps_per_second")
 
 
 class JobFailure(Exception):
@@ -90,7 +91,8 @@ class Heartbeat(threading.Thread):
             try:
                 with session_scope(self.settings) as session:
                     if self.announce:
-                        worker_registry.touch_worker(session, self.worker_id, self.job_id)
+                        worker_registry.touch_worker(session, self.worker_id, self.job_id,
+                                                     labels=self.settings.worker_labels)
                     if queue.heartbeat(session, self.job_id, self.worker_id):
                         self.cancel_requested.set()
             except Exception:  # a busy database must not kill the job; the next beat retries
@@ -108,7 +110,7 @@ def run_claimed_job(settings: Settings, job_id: str, worker_id: str, *, classifi
     heartbeat.start()
     should_stop = lambda: heartbeat.cancel_requested.is_set() or shutdown.is_set()  # noqa: E731
     try:
-        outcome = run_job(settings, job_id, should_stop=should_stop, classifiers=classifiers)
+        outcome = run_job(settings, job_id, should_stop=should_stop, classifiers=classifiers, worker_id=worker_id)
     except JobCancelled as exc:
         if shutdown.is_set() and not heartbeat.cancel_requested.is_set():
             # Stopped by SIGTERM, not by the user: requeue so another worker resumes it.
@@ -155,13 +157,14 @@ def _event(settings: Settings, job_id: str, kind: str, message: str, data: dict 
     log.info("[%s] %s: %s", job_id, kind, message)
 
 
-def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool], classifiers: Classifiers) -> JobOutcome:
+def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool], classifiers: Classifiers,
+            worker_id: str) -> JobOutcome:
     with session_scope(settings) as session:
         job = job_service.get_job(session, job_id)
         session.expunge(job)
     if job.kind == "train":
         classifiers.release()
-        return run_training(settings, job, should_stop, classifiers)
+        return run_training(settings, job, should_stop, classifiers, worker_id)
     if job.kind == "evaluate":
         with session_scope(settings) as session:
             dataset = dataset_service.get_dataset(session, job.dataset_id)
@@ -187,41 +190,40 @@ def _resolve_base_model(settings: Settings, name: str, job_id: str):
         raise JobFailure("base_model_unavailable", str(exc)) from None
 
 
-def run_training(settings: Settings, job, should_stop: Callable[[], bool], classifiers: Classifiers) -> JobOutcome:
-    import torch
-
-    from app.ml.train.trainer import TrainingHooks, train_adapter
+def run_training(settings: Settings, job, should_stop: Callable[[], bool], classifiers: Classifiers,
+                 worker_id: str) -> JobOutcome:
+    from app.ml.train.trainer import finished_training
+    from app.services.training_process import (
+        TrainingProcessError,
+        plan_processes,
+        run_training_process,
+        visible_gpus,
+    )
 
     with session_scope(settings) as session:
         dataset = dataset_service.get_dataset(session, job.dataset_id)
         label_set, system_prompt = dataset_service.label_set_of(dataset), dataset.system_prompt
-    records = dataset_service.load_records(settings, job.dataset_id)
     config = TrainingConfig(**job.hyperparameters)
-    base_dir = _resolve_base_model(settings, job.base_model, job.id)
     job_dir = settings.jobs_dir / job.id
-
-    def on_log(metrics: dict) -> None:
-        # The progress holds the latest figures; a train_log event per logged step keeps the loss curve
-        # (the console draws it live from the events it polls).
-        with session_scope(settings) as session:
-            job_service.add_event(session, job.id, "train_log",
-                                  f"step {metrics['step']}/{metrics['max_steps']}: loss {metrics['loss']:.4f}",
-                                  {k: metrics.get(k) for k in TRAIN_LOG_FIELDS})
-            queue.set_progress(session, job.id, metrics)
-
-    hooks = TrainingHooks(
-        on_log=on_log,
-        on_event=lambda kind, message, data=None: _event(settings, job.id, kind, message, data),
-        should_stop=should_stop,
-    )
-    try:
-        result = train_adapter(base_model_dir=base_dir, base_model_name=job.base_model, records=records,
-                               label_set=label_set, system_prompt=system_prompt, config=config, job_dir=job_dir,
-                               hooks=hooks, device=settings.device)
-    except ValueError as exc:  # the trainer's own checks: data or recipe that cannot be trained as asked
-        raise JobFailure("invalid_training_input", str(exc)) from None
-    except (MemoryError, torch.OutOfMemoryError) as exc:
-        raise JobFailure("out_of_memory", f"{exc}; lower per_device_train_batch_size or max_input_length") from None
+    result = finished_training(job_dir)
+    if result is not None:  # the worker died after training, while evaluating: no process to start
+        _event(settings, job.id, "training_done", f"training already finished at step {result.steps}; its adapter "
+               "is kept, nothing is trained again", {"step": result.steps, "adapter_dir": str(result.adapter_dir)})
+    else:
+        try:
+            plan = plan_processes(job.resources, visible_gpus(settings.device))
+        except TrainingProcessError as exc:
+            raise JobFailure(exc.code, str(exc)) from None
+        base_dir = _resolve_base_model(settings, job.base_model, job.id)  # prepared here once, not by every rank
+        _event(settings, job.id, "training_process", f"training in {plan.describe()}",
+               {"processes": plan.processes, "gpus": list(plan.gpus), "backend": plan.backend})
+        spec = dict(base_model=job.base_model, base_model_dir=str(base_dir), dataset_id=job.dataset_id,
+                    label_set=label_set.to_pairs(), system_prompt=system_prompt, hyperparameters=job.hyperparameters)
+        try:
+            result = run_training_process(settings, job_id=job.id, worker_id=worker_id, plan=plan, spec=spec,
+                                          should_stop=should_stop)
+        except TrainingProcessError as exc:
+            raise JobFailure(exc.code, str(exc)) from None
     if result.cancelled:
         raise JobCancelled(f"cancelled at step {result.steps}; checkpoints kept under {job_dir / CHECKPOINTS_DIRNAME}")
 

@@ -85,7 +85,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     return not ours or bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def set_progress(session: Session, job_id: str, progress: dict, *, worker_id: str | None = None) -> None:
+def set_progress(session: Session, job_id: str, progress: dict, *, worker_id: str | None = None) -> bool:
     """Merge ``progress`` into the job's progress (training steps and evaluation counts live side by side);
     with ``worker_id`` only while the job still runs for that worker (a training process left behind by a
     worker that lost its job must not overwrite its successor's progress)."""
@@ -95,12 +95,29 @@ def set_progress(session: Session, job_id: str, progress: dict, *, worker_id: st
     current = session.execute(query).first()
     if current is None:
         session.rollback()
-        return
+        return False
     scope = update(Job).where(Job.id == job_id)
     if worker_id is not None:
         scope = scope.where(Job.worker_id == worker_id, Job.status == "running")
-    session.execute(scope.values(progress={**(current[0] or {}), **progress}, heartbeat_at=utcnow()))
+    updated = session.execute(scope.values(progress={**(current[0] or {}), **progress}, heartbeat_at=utcnow()))
     session.commit()
+    return bool(updated.rowcount)
+
+
+# What a train_log event keeps of a logged training step.
+TRAIN_LOG_FIELDS = ("step", "max_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "steps_per_second")
+
+
+def record_training_log(session: Session, job_id: str, metrics: dict, *, worker_id: str | None = None) -> bool:
+    """A logged training step: its figures become the job's progress, and a ``train_log`` event keeps them
+    (the loss curve survives a reload; the console draws it live from the events it polls). With
+    ``worker_id`` only while the job still runs for that worker, as ``set_progress``."""
+    if not set_progress(session, job_id, metrics, worker_id=worker_id):
+        return False
+    add_event(session, job_id, "train_log", f"step {metrics['step']}/{metrics['max_steps']}: loss {metrics['loss']:.4f}",
+              {k: metrics.get(k) for k in TRAIN_LOG_FIELDS})
+    session.commit()
+    return True
 
 
 def _end_job(session: Session, job_id: str, worker_id: str | None, status: str, **values) -> bool:

@@ -14,6 +14,11 @@ adapter folder is written aside and renamed into place, so its presence means th
 done: a job run again (its worker died while evaluating) never trains a second time.
 The caller observes and steers it through ``TrainingHooks``: log records, events, and a
 cancel flag polled after every optimizer step.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1, one process per GPU, or gloo on CPU) every rank calls
+``train_adapter`` alike: the Trainer runs DDP, the loss goes through the DDP wrapper so gradients are
+averaged, every rank computes its own batch's shared prefix, the cancel flag is agreed by all ranks at
+each step, and rank 0 alone writes checkpoints (the Trainer's rule) and the adapter.
 """
 
 from __future__ import annotations
@@ -158,19 +163,59 @@ class _ListDataset(torch.utils.data.Dataset):
 
 @dataclass
 class _Throughput:
-    """Tokens and samples the loss has consumed (tokens as a naive batch counts them, without padding)."""
+    """Tokens and samples the loss has consumed (tokens as a naive batch counts them, without padding).
+
+    Under DDP each rank counts its own batches; ``processes`` scales them to an estimate for all ranks."""
 
     tokens: int = 0
     samples: int = 0
+    processes: int = 1
 
     def add(self, batch: dict) -> None:
         if "prefix_ids" in batch:
             n = batch["suffix_ids"].shape[0]
-            self.tokens += int(batch["prefix_ids"].numel()) * n + int(batch["suffix_mask"].sum())
+            tokens = int(batch["prefix_ids"].numel()) * n + int(batch["suffix_mask"].sum())
         else:
             n = batch["input_ids"].shape[0]
-            self.tokens += int(batch["attention_mask"].sum())
-        self.samples += n
+            tokens = int(batch["attention_mask"].sum())
+        self.tokens += tokens * self.processes
+        self.samples += n * self.processes
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank must call it)."""
+    if not _distributed():
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _loss_through_wrapper(model, loss_fn, inputs: dict, num_items_in_batch):
+    """Call ``loss_fn(unwrapped, **inputs)`` through ``model``'s own forward when it is DDP-wrapped.
+
+    DistributedDataParallel averages gradients only for a forward that went through its wrapper (its
+    forward arms the reducer for the coming backward); these losses call the decoder directly. So the
+    inner module's forward is swapped for the loss for the length of one wrapped call.
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return loss_fn(model, num_items_in_batch=num_items_in_batch, **inputs)
+    inner = model.module
+    missing = object()
+    saved = inner.__dict__.get("forward", missing)  # accelerate may have patched it (mixed precision)
+    inner.forward = lambda **batch: loss_fn(inner, num_items_in_batch=num_items_in_batch, **batch)
+    try:
+        return model(**inputs)
+    finally:
+        if saved is missing:
+            del inner.forward
+        else:
+            inner.forward = saved
 
 
 class _IntentTrainer(Trainer):
@@ -183,12 +228,15 @@ class _IntentTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Normalised by the item count of the whole accumulated batch when the Trainer gives it.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        loss_fn = shared_prefix_loss if "prefix_ids" in inputs else naive_loss
         # Trainer autocasts by patching model.forward; these losses call the decoder directly.
         with self.accelerator.autocast():
-            if "prefix_ids" in inputs:
-                loss = shared_prefix_loss(model, num_items_in_batch=num_items_in_batch, **inputs)
-            else:
-                loss = naive_loss(model, num_items_in_batch=num_items_in_batch, **inputs)
+            loss = _loss_through_wrapper(model, loss_fn, inputs, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                and self.accelerator.num_processes > 1:
+            # num_items_in_batch counts the tokens of all ranks, and DDP averages the ranks' gradients: the
+            # Trainer's own loss is scaled back the same way (Trainer.compute_loss).
+            loss = loss * self.accelerator.num_processes
         self.throughput.add(inputs)
         return (loss, None) if return_outputs else loss
 
@@ -241,7 +289,8 @@ class _CancelCallback(TrainerCallback):
         self.cancelled = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.should_stop():
+        # All ranks must stop at the same step (a rank that went on would wait for the others forever).
+        if _any_rank(self.should_stop(), args.device):
             self.cancelled = True
             control.should_training_stop = True
             control.should_save = False  # cancel now, not after a checkpoint write
@@ -274,7 +323,12 @@ def _lora_config(config: TrainingConfig):
 def _training_arguments(config: TrainingConfig, output_dir: Path, loaded: LoadedModel) -> TrainingArguments:
     on_cpu = loaded.device.type == "cpu"
     mixed = loaded.dtype if loaded.dtype in (torch.bfloat16, torch.float16) else None
+    distributed = {}
+    if _distributed():
+        # Every LoRA weight takes part in every step: DDP need not search the graph for unused ones.
+        distributed = {"ddp_backend": "gloo" if on_cpu else None, "ddp_find_unused_parameters": False}
     return TrainingArguments(
+        **distributed,
         output_dir=str(output_dir),
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -377,7 +431,7 @@ def train_adapter(
         f"{len(encoded.prefix_ids)} shared prefix tokens",
         {**encoded.stats, "n_truncated": encoded.n_truncated},
     )
-    if hooks.should_stop():
+    if _any_rank(hooks.should_stop(), loaded.device):
         hooks.on_event("cancelled", "cancelled before training started", {"step": 0})
         return TrainingResult(None, True, 0, None, 0.0, loaded.quantization)
 
@@ -386,7 +440,8 @@ def train_adapter(
         pad_token_id=loaded.tokenizer.pad_token_id,
         prefix_length=len(encoded.prefix_ids) if use_shared_prefix else 0,
     )
-    throughput = _Throughput()
+    processes = torch.distributed.get_world_size() if _distributed() else 1
+    throughput = _Throughput(processes=processes)
     cancel = _CancelCallback(hooks.should_stop)
     trainer = _IntentTrainer(
         model=model,
@@ -432,6 +487,7 @@ def train_adapter(
         "n_truncated": encoded.n_truncated,
         "trainable_parameters": trainable,
         "device": str(loaded.device),
+        "processes": processes,
         "dtype": str(loaded.dtype),
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
     }
@@ -440,23 +496,26 @@ def train_adapter(
         return TrainingResult(None, True, global_step, final_loss, runtime, loaded.quantization, history, metrics)
 
     adapter_dir = job_dir / ADAPTER_DIRNAME
-    staging = job_dir / f".{ADAPTER_DIRNAME}.partial"
-    shutil.rmtree(staging, ignore_errors=True)  # left by a worker killed while saving
-    save_adapter(
-        model, loaded.tokenizer, staging,
-        metadata={
-            "system_prompt": system_prompt,
-            "label_set": label_set.to_pairs(),
-            "base_model": base_model_name,
-            "training_config": config.model_dump(),
-            "quantization": loaded.quantization,
-            "metrics": metrics,
-            "loss_history": history,
-        },
-    )
-    _write_loss_curve(history, staging / LOSS_CURVE_FILENAME, hooks)
-    shutil.rmtree(adapter_dir, ignore_errors=True)  # without its metadata it is incomplete (older versions)
-    os.rename(staging, adapter_dir)  # complete by construction: the marker that training is done
+    if trainer.args.process_index == 0:  # one writer: the other ranks hold the same weights
+        staging = job_dir / f".{ADAPTER_DIRNAME}.partial"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a worker killed while saving
+        save_adapter(
+            model, loaded.tokenizer, staging,
+            metadata={
+                "system_prompt": system_prompt,
+                "label_set": label_set.to_pairs(),
+                "base_model": base_model_name,
+                "training_config": config.model_dump(),
+                "quantization": loaded.quantization,
+                "metrics": metrics,
+                "loss_history": history,
+            },
+        )
+        _write_loss_curve(history, staging / LOSS_CURVE_FILENAME, hooks)
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # without its metadata it is incomplete (older versions)
+        os.rename(staging, adapter_dir)  # complete by construction: the marker that training is done
+    if _distributed():
+        torch.distributed.barrier()  # every rank returns once the adapter is in place
     hooks.on_event("finished", f"training finished at step {global_step}",
                    {"step": global_step, "adapter_dir": str(adapter_dir), "final_loss": final_loss})
     return TrainingResult(adapter_dir, False, global_step, final_loss, runtime, loaded.quantization, history, metrics)
