@@ -29,10 +29,11 @@ def worker_env(settings, **extra: str) -> dict:
             "WORKER_HEARTBEAT_SECONDS": "0.5", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
-def start_worker(settings) -> subprocess.Popen:
+def start_worker(settings, *, prefix: list[str] = (), new_session: bool = False, **env: str) -> subprocess.Popen:
+    """``python -m workers`` on the test's database (``prefix``: e.g. unshare; ``env``: more settings)."""
     log = open(settings.data_dir / f"worker-{time.monotonic_ns()}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "workers"], env=worker_env(settings), stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([*prefix, sys.executable, "-m", "workers"], env=worker_env(settings, **env), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def stop(process: subprocess.Popen) -> None:

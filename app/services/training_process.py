@@ -204,9 +204,14 @@ def _failure(run_dir: Path, code: int, plan: ProcessPlan) -> TrainingProcessErro
             return TrainingProcessError(report["code"], report["message"])
     failures = _read_json(run_dir / FAILURES_FILENAME)
     if failures:
-        first = failures[0]
-        return TrainingProcessError("training_process_died", f"training process rank {first['rank']} of "
-                                    f"{plan.processes} (pid {first['pid']}) {_exit_description(first['exitcode'])}")
+        # When one rank dies torchrun stops the others with SIGTERM: the cause is the rank that died otherwise.
+        failures.sort(key=lambda failure: failure["exitcode"] == -signal.SIGTERM)
+        first, others = failures[0], failures[1:]
+        message = (f"training process rank {first['rank']} of {plan.processes} (pid {first['pid']}) "
+                   f"{_exit_description(first['exitcode'])}")
+        if others:
+            message += "; torchrun then stopped rank " + ", ".join(str(other["rank"]) for other in others)
+        return TrainingProcessError("training_process_died", message)
     return TrainingProcessError("training_process_died", f"the training process {_exit_description(code)}")
 
 
