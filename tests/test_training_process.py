@@ -40,3 +40,42 @@ def test_a_cpu_worker_fails_a_gpu_job_at_once_and_goes_on(client, settings, samp
     assert "asks for 2 GPUs; this worker has none" in job["error"]["message"]
     kinds = [e["kind"] for e in client.get(f"/jobs/{gpu_job}/events").json()]
     assert "base_model" not in kinds and "training_process" not in kinds  # refused before any work
+
+
+def test_workers_that_see_the_same_gpus_each_take_their_own(tmp_path):
+    """WORKER_GPUS: replicas that all see every GPU of a host lock different ones (locks named by GPU UUID)."""
+    from app.services.gpu_reservation import reserve_gpus
+
+    host = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+    first, first_locks = reserve_gpus(tmp_path, 1, host)
+    second, second_locks = reserve_gpus(tmp_path, 2, host)
+    assert first == ["GPU-aaaa"] and second == ["GPU-bbbb", "GPU-cccc"]
+    with pytest.raises(RuntimeError, match="only 0 of the 3 GPUs"):
+        reserve_gpus(tmp_path, 1, host)
+    for lock in first_locks:
+        lock.release()  # a worker that exits (or is killed) frees its GPU for the next one
+    assert reserve_gpus(tmp_path, 1, host)[0] == ["GPU-aaaa"]
+
+
+def test_a_deepspeed_config_must_be_one_of_the_project_and_installed(client, sample_csv, tmp_path):
+    """hyperparameters.deepspeed names a file of configs/deepspeed/ (422 otherwise); a worker without the
+    deepspeed package refuses it before loading the model (DeepSpeed itself is not installed here)."""
+    from app.data.formats import Record
+    from app.domain.prompt import LabelSet
+    from app.ml.train.config import TrainingConfig
+    from app.ml.train.trainer import train_adapter
+
+    dataset_id = upload(client, sample_csv).json()["id"]
+    refused = client.post("/jobs", json={"dataset_id": dataset_id, "hyperparameters": {"deepspeed": "zero9"}})
+    assert refused.status_code == 422 and refused.json()["detail"]["field"] == "hyperparameters.deepspeed"
+    assert "zero2" in refused.json()["detail"]["message"]
+    accepted = client.post("/jobs", json={"dataset_id": dataset_id, "hyperparameters": {"deepspeed": "zero3"}})
+    assert accepted.status_code == 201 and accepted.json()["hyperparameters"]["deepspeed"] == "zero3"
+
+    pytest.importorskip("torch")
+    if __import__("importlib").util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    with pytest.raises(ValueError, match="pip install deepspeed"):
+        train_adapter(base_model_dir=tmp_path / "not-loaded", base_model_name="x", records=[Record("d", 0)],
+                      label_set=LabelSet.from_pairs([(0, "a")]), system_prompt="p",
+                      config=TrainingConfig(deepspeed="zero2"), job_dir=tmp_path / "job")

@@ -9,6 +9,7 @@ requeue the job.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -25,13 +26,26 @@ class Worker:
         self.worker_id = queue.worker_identity()
         self.classifiers = pipelines.Classifiers(settings)  # this process's one classifier registry
         self._shutdown = threading.Event()
+        self._gpu_locks: list = []  # held for the worker's lifetime (WORKER_GPUS)
 
     def request_shutdown(self, *_args) -> None:
         log.info("shutdown requested; finishing the current step")
         self._shutdown.set()
 
+    def reserve_gpus(self) -> None:
+        """WORKER_GPUS=n: take n free GPUs of those visible, before anything here touches CUDA; the jobs and
+        the training processes of this worker then see those alone."""
+        if not self.settings.worker_gpus:
+            return
+        from app.services.gpu_reservation import list_gpus, reserve_gpus
+
+        gpus, self._gpu_locks = reserve_gpus(self.settings.data_dir, self.settings.worker_gpus, list_gpus())
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        log.info("worker %s took GPU(s) %s", self.worker_id, ", ".join(gpus))
+
     def run_forever(self, *, exit_when_idle: bool = False, max_jobs: int | None = None) -> int:
         run_migrations(self.settings)
+        self.reserve_gpus()
         log.info("worker %s (labels: %s) polling %s", self.worker_id, self.settings.worker_labels or "none",
                  display_url(self.settings))
         done = 0

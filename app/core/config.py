@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = 60.0
     # How many times a job orphaned by a dead worker is resumed before it is failed.
     max_job_attempts: int = 3
+    worker_gpus: int | None = Field(
+        default=None, ge=1, le=64,
+        description="GPUs this worker takes for itself out of those it sees, each held by a lock in "
+                    "DATA_DIR/.gpu-locks (replicas that see every GPU of a host then take one each); "
+                    "unset: all it sees.")
     worker_labels: str = Field(
         default="", description="What this worker offers, e.g. 'gpu,a100': it claims only jobs whose "
                                 "resources.labels it has all of (and every job without labels).")
@@ -70,6 +75,11 @@ class Settings(BaseSettings):
         default=1024, ge=16,
         description="Prompt tokens a zero-shot model (or an adapter whose recipe recorded none) sees at most; "
                     "a longer dialogue loses its end, as in training.")
+
+    @field_validator("worker_gpus", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value):
+        return None if value == "" else value  # WORKER_GPUS= (compose passes an unset variable as "")
 
     @field_validator("worker_labels")
     @classmethod
