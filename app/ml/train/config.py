@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator, model_validator
 
 from app.core.config import CONFIGS_DIR
 
@@ -64,6 +64,9 @@ class TrainingConfig(BaseModel):
                                          "about a third more compute")
     shared_prefix: bool = Field(True, description="Run the system-prompt prefix once per batch and expand its "
                                 "keys/values (app.ml.train.shared_prefix); exact, and about half the tokens")
+    deepspeed: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = Field(
+        None, description="A DeepSpeed config in configs/deepspeed/ (zero2, zero3) for a job on several GPUs "
+        "(docs/deploy.md); none: plain DDP. Needs the deepspeed package on the workers")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed (numpy's range: set_seed seeds numpy too)")
 
     @model_validator(mode="after")
@@ -71,6 +74,14 @@ class TrainingConfig(BaseModel):
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use epochs) or > 0")
         return self
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed_config(cls, name: str | None) -> str | None:
+        if name is not None and name not in available_deepspeed_configs():
+            raise ValueError(f"no DeepSpeed config '{name}' in configs/deepspeed/; available: "
+                             f"{available_deepspeed_configs()}")
+        return name
 
 
 def _overrides_model() -> type[BaseModel]:
@@ -119,6 +130,14 @@ def _torch_sees_cuda() -> bool:
 
 def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def deepspeed_config_path(name: str) -> Path:
+    return CONFIGS_DIR / "deepspeed" / f"{name}.json"
+
+
+def available_deepspeed_configs() -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / "deepspeed").glob("*.json"))
 
 
 def resolve_training_config(config_name: str, overrides: dict | None) -> tuple[TrainingConfig, str | None]:

@@ -51,7 +51,7 @@ from app.domain.labels import LabelSet
 from app.domain.prompt import format_answer
 from app.domain.records import Record
 from app.ml.text.encoding import ChatCollator, EncodedDataset, encode_dataset
-from app.ml.train.config import TrainingConfig
+from app.ml.train.config import TrainingConfig, deepspeed_config_path
 from app.ml.train.shared_prefix import (
     naive_loss,
     shared_prefix_loss,
@@ -196,14 +196,23 @@ def _any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(tensor.item())
 
 
+def _is_wrapper(model) -> bool:
+    """DDP, FSDP (v1) or a DeepSpeed engine: a wrapper whose own forward must run for its hooks to work."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, FullyShardedDataParallel)) \
+        or type(model).__name__ == "DeepSpeedEngine"
+
+
 def _loss_through_wrapper(model, loss_fn, inputs: dict, num_items_in_batch):
-    """Call ``loss_fn(unwrapped, **inputs)`` through ``model``'s own forward when it is DDP-wrapped.
+    """Call ``loss_fn(unwrapped, **inputs)`` through ``model``'s own forward when it is wrapped.
 
     DistributedDataParallel averages gradients only for a forward that went through its wrapper (its
-    forward arms the reducer for the coming backward); these losses call the decoder directly. So the
-    inner module's forward is swapped for the loss for the length of one wrapped call.
+    forward arms the reducer for the coming backward); FSDP and DeepSpeed gather sharded weights in theirs.
+    These losses call the decoder directly, so the inner module's forward is swapped for the loss for the
+    length of one wrapped call.
     """
-    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    if not _is_wrapper(model):
         return loss_fn(model, num_items_in_batch=num_items_in_batch, **inputs)
     inner = model.module
     missing = object()
@@ -327,6 +336,9 @@ def _training_arguments(config: TrainingConfig, output_dir: Path, loaded: Loaded
     if _distributed():
         # Every LoRA weight takes part in every step: DDP need not search the graph for unused ones.
         distributed = {"ddp_backend": "gloo" if on_cpu else None, "ddp_find_unused_parameters": False}
+    if config.deepspeed:
+        _check_deepspeed(config)
+        distributed["deepspeed"] = str(deepspeed_config_path(config.deepspeed))
     return TrainingArguments(
         **distributed,
         output_dir=str(output_dir),
@@ -356,6 +368,14 @@ def _training_arguments(config: TrainingConfig, output_dir: Path, loaded: Loaded
         dataloader_pin_memory=not on_cpu,
         disable_tqdm=False,  # the worker log shows the progress bar
     )
+
+
+def _check_deepspeed(config: TrainingConfig) -> None:
+    import importlib.util
+
+    if config.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"hyperparameters.deepspeed '{config.deepspeed}' needs the deepspeed package on the "
+                         "worker (pip install deepspeed)")
 
 
 def _loss_history(log_history: list[dict]) -> list[dict]:
@@ -392,6 +412,7 @@ def train_adapter(
     if not records:
         raise ValueError("no training records")
     pairs = _answers(records, label_set)
+    _check_deepspeed(config)
     check_target_modules(Path(base_model_dir), config.target_modules)
     set_seed(config.seed)
 
