@@ -3,7 +3,8 @@
 Sections (``--sections``, all by default):
 
 1. ``tokens``: tokens per sample, old template vs system prompt vs shared prefix;
-2. ``train``: training samples/s and peak memory, naive vs shared prefix (LoRA, batch 4);
+2. ``train``: training samples/s and peak memory, naive vs shared prefix (LoRA, batch 4, and 4/8/16 on a
+   mid-size GLM-4), each speed-up beside its token bound;
 3. ``classify``: /classify latency and throughput, free generation vs label scoring;
 4. ``accuracy``: held-out accuracy/macro-F1, fine-tuned adapter vs a TF-IDF baseline.
 
@@ -42,6 +43,8 @@ class Sizes:
     train_steps: int  # measured steps per path on the default model
     mid_model: bool  # also measure a mid-size random GLM-4 (cheaper steps, more of them)
     mid_steps: int
+    mid_batch_sizes: tuple[int, ...]  # the mid model's batch sizes: how the speed-up grows with the batch
+    train_batch_sizes: tuple[int, ...]  # the default model's
     classify_requests: int
     accuracy_steps: int | None  # None: the recipe's own max_steps
     accuracy_dialogue_tokens: int | None  # max_input_length = shared prefix + this (None: the recipe's)
@@ -50,10 +53,12 @@ class Sizes:
 
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
 # (a 0.5B-model LoRA step on batch 4 with the ~520-token prompt takes tens of seconds there).
-FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, classify_requests=5,
-             accuracy_steps=None, accuracy_dialogue_tokens=128, zero_shot=False)
-QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, classify_requests=2,
-              accuracy_steps=2, accuracy_dialogue_tokens=128, zero_shot=False)
+FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, mid_batch_sizes=(4, 8, 16),
+             train_batch_sizes=(4,), classify_requests=5, accuracy_steps=None, accuracy_dialogue_tokens=128,
+             zero_shot=False)
+QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, mid_batch_sizes=(),
+              train_batch_sizes=(4, 8), classify_requests=2, accuracy_steps=2, accuracy_dialogue_tokens=128,
+              zero_shot=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
 
         choices = []
         if sizes.mid_model:
-            choices.append(ModelChoice(label="random GLM-4 mid (Qwen tokenizer)", kind="random-glm4",
-                                       model_dir=str(model_dir), glm4_size=MID_GLM4, warmup=sizes.train_warmup,
-                                       steps=sizes.mid_steps))
+            choices += [ModelChoice(label="random GLM-4 mid (Qwen tokenizer)", kind="random-glm4",
+                                    model_dir=str(model_dir), glm4_size=MID_GLM4, warmup=sizes.train_warmup,
+                                    steps=sizes.mid_steps, batch_size=batch) for batch in sizes.mid_batch_sizes]
         # Checkpointing on the real model: its naive batch keeps >12 GB of activations otherwise, more than
         # a 24 GiB machine shared with other work can spare.
-        choices.append(ModelChoice(label=model_name, kind="pretrained", model_dir=str(model_dir),
-                                   warmup=sizes.train_warmup, steps=sizes.train_steps, checkpointing=True))
+        choices += [ModelChoice(label=model_name, kind="pretrained", model_dir=str(model_dir),
+                                warmup=sizes.train_warmup, steps=sizes.train_steps, checkpointing=True,
+                                batch_size=batch) for batch in sizes.train_batch_sizes]
         train_rows = sources[0].records
         pairs = [(r.dialogue, format_answer(r.label_id, label_set.name_of(r.label_id))) for r in train_rows]
         section = run_train_section(choices, pairs, system_prompt, img_dir / f"{prefix}train.png",

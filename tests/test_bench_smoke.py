@@ -86,13 +86,20 @@ def test_tokens_section_counts_all_three_ways(quick_run):
 def test_train_section_measures_both_paths(quick_run):
     _, markdown, _ = quick_run
     section = _section(markdown, "train")
-    rows = {r[3]: r for r in _table_rows(section, "tiny-glm4")}
-    assert set(rows) == {"naive", "shared"}
+    rows = {(r[3], r[4]): r for r in _table_rows(section, "tiny-glm4")}
+    assert set(rows) == {(batch, path) for batch in ("4", "8") for path in ("naive", "shared")}
     for row in rows.values():
-        assert float(row[5]) > 0 and float(row[7]) > 0  # s/step, samples/s
-    # Same weights, same batch, no dropout: the first-step losses agree.
-    assert float(rows["naive"][9]) == pytest.approx(float(rows["shared"][9]), rel=1e-3)
-    assert re.match(rf"{NUMBER}x", rows["shared"][10])
+        assert float(row[6]) > 0 and float(row[8]) > 0  # s/step, samples/s
+    for batch in ("4", "8"):
+        naive, shared = rows[(batch, "naive")], rows[(batch, "shared")]
+        # Same weights, same batch, no dropout: the first-step losses agree.
+        assert float(naive[10]) == pytest.approx(float(shared[10]), rel=1e-3)
+        assert re.match(rf"{NUMBER}x", shared[11])
+        # The token bound: naive tokens over shared tokens, shown beside the speed-up.
+        assert float(shared[13].rstrip("x")) == pytest.approx(float(naive[5]) / float(shared[5]), rel=0.01)
+        assert re.match(r"\d+%", shared[14])
+    bound = {batch: float(rows[(batch, "shared")][13].rstrip("x")) for batch in ("4", "8")}
+    assert bound["8"] > bound["4"] > 1  # the prefix is run once for more samples
 
 
 def test_classify_section_measures_both_modes_through_the_api(quick_run):

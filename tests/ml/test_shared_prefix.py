@@ -158,3 +158,28 @@ def test_shared_prefix_on_cuda_with_a_4bit_base_in_bf16_autocast(tiny_model_dir,
     for name, ref in ref_grads.items():
         cosine = torch.nn.functional.cosine_similarity(ref.flatten().float(), grads[name].flatten().float(), dim=0)
         assert cosine > 0.98, name
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_suffixes_match_naive_loss_and_lora_gradients(tiny_model_dir, batches, attn, checkpointing):
+    """The suffixes packed into one row without padding (block mask, per-suffix positions) compute the same
+    loss and gradients as the padded batch."""
+    naive, shared = batches
+    loaded = load_base_model(tiny_model_dir, quantization="none", for_training=True,
+                             gradient_checkpointing=checkpointing, attn_implementation=attn)
+    model = _lora_model(loaded.model)
+    reference = _loss_and_grads(model, lambda: model(**naive).loss)
+    _assert_same(reference, _loss_and_grads(model, lambda: shared_prefix_loss(model, **shared, pack=True)))
+    _assert_same(reference, _loss_and_grads(model, lambda: shared_prefix_loss(model, **shared, pack=False)))
+
+
+def test_suffixes_pack_into_fewer_rows_never_longer_than_the_longest():
+    from app.ml.train.shared_prefix import pack_rows
+
+    lengths = [350, 150, 200, 190, 120, 90, 340, 60]
+    rows = pack_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert max(sum(lengths[i] for i in row) for row in rows) == max(lengths)
+    assert len(rows) == 5 and rows[0] == [0]  # 1500 tokens in 5 rows of at most 350, not 8 padded ones
+    assert pack_rows([7, 7, 7]) == [[0], [1], [2]]  # equal lengths: the padded batch itself

@@ -197,6 +197,62 @@ def naive_loss(
     return token_loss(causal_lm, out.last_hidden_state, labels, num_items_in_batch)
 
 
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Suffixes (by index) into rows no longer than the longest one, first fit by decreasing length.
+
+    Fewer, fuller rows than one per sample: the suffix pass runs ``rows x width`` token positions and
+    ``rows x width x (P + width)`` attention pairs, never more than the padded batch's ``B x S_max`` and
+    ``B x S_max x (P + S_max)``, and no row attends further than the longest sample would."""
+    capacity = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        target = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if target is None:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+        else:
+            rows[target].append(index)
+            room[target] -= lengths[index]
+    return rows
+
+
+def _packed_suffixes(prefix_len: int, suffix_ids, suffix_mask, labels, *, dtype, sdpa: bool):
+    """The batch's suffixes packed into ``pack_rows``: ids, labels, position ids (``P + offset`` in each
+    suffix) and the mask [rows, 1, width, P + width] by which a token sees the whole prefix and the tokens of
+    its own suffix up to itself (a row's padding sees the prefix alone, so no softmax row is empty).
+
+    Labels line up across suffix borders: a suffix's first token never has a label (``ChatCollator``), so
+    the last token of one suffix predicts nothing of the next."""
+    lengths = [int(n) for n in suffix_mask.sum(dim=1).tolist()]
+    rows = pack_rows(lengths)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    device = suffix_ids.device
+    shape = (len(rows), width)
+    ids = torch.full(shape, int(suffix_ids[0, 0]), dtype=suffix_ids.dtype, device=device)
+    packed_labels = torch.full(shape, IGNORE_INDEX, dtype=labels.dtype, device=device)
+    positions = torch.full(shape, prefix_len, dtype=torch.long, device=device)
+    segment = torch.full(shape, -1, dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        column = 0
+        for index in row:
+            n = lengths[index]
+            ids[r, column:column + n] = suffix_ids[index, :n]
+            packed_labels[r, column:column + n] = labels[index, :n]
+            positions[r, column:column + n] = prefix_len + torch.arange(n, device=device)
+            segment[r, column:column + n] = index
+            column += n
+    columns = torch.arange(width, device=device)
+    own = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0) \
+        & (columns[None, None, :] <= columns[None, :, None])
+    allowed = torch.cat([torch.ones(len(rows), width, prefix_len, dtype=torch.bool, device=device), own], dim=2)
+    if sdpa:
+        mask = allowed
+    else:  # eager attention adds the mask to the scores
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return ids, packed_labels, positions, mask[:, None]
+
+
 def shared_prefix_loss(
     model,
     prefix_ids: torch.Tensor,
@@ -204,12 +260,17 @@ def shared_prefix_loss(
     suffix_mask: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
+    pack: bool = True,
 ) -> torch.Tensor:
     """Loss of the batch ``cat(prefix, suffix_b)``, running the prefix once (see the module docstring).
 
     ``prefix_ids`` [P] (or [1, P]); ``suffix_ids``/``suffix_mask``/``labels`` [B, S], right-padded,
     labels aligned with ``suffix_ids``. The first suffix token must carry no label (it is predicted
     from the prefix, whose logits are not computed); ``ChatCollator`` guarantees it.
+
+    The suffixes run packed into as few rows as fit the longest (``pack_rows``), or with ``pack=False``
+    padded to the longest ([B, S]): padding is what kept the speed-up under the bound of the token counts,
+    since the prefix pass has none and the padded suffix pass all of it.
     """
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder()
@@ -217,6 +278,7 @@ def shared_prefix_loss(
     prefix_len = prefix_ids.shape[1]
     batch, suffix_len = suffix_ids.shape
     device = suffix_ids.device
+    config = causal_lm.config
 
     recorder = _PrefixRecorder()
     with _cache_kept_under_checkpointing(_decoder_layers(decoder)):
@@ -226,13 +288,21 @@ def shared_prefix_loss(
             past_key_values=recorder,
             use_cache=False,
         )
-        mask = torch.cat(
-            [torch.ones(batch, prefix_len, dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1
-        )
+        if pack:
+            dtype = next(p for p in decoder.parameters()).dtype
+            ids, labels, positions, mask = _packed_suffixes(
+                prefix_len, suffix_ids, suffix_mask, labels, dtype=dtype,
+                sdpa=getattr(config, "_attn_implementation", None) == "sdpa")
+        else:
+            ids = suffix_ids
+            mask = torch.cat(
+                [torch.ones(batch, prefix_len, dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1
+            )
+            positions = (prefix_len + torch.arange(suffix_len, device=device)).unsqueeze(0).expand(batch, -1)
         out = decoder(
-            input_ids=suffix_ids,
+            input_ids=ids,
             attention_mask=mask,
-            position_ids=(prefix_len + torch.arange(suffix_len, device=device)).unsqueeze(0).expand(batch, -1),
+            position_ids=positions,
             past_key_values=_ReadOnlyPrefixCache(recorder),
             use_cache=False,
         )
