@@ -79,3 +79,36 @@ def test_a_deepspeed_config_must_be_one_of_the_project_and_installed(client, sam
         train_adapter(base_model_dir=tmp_path / "not-loaded", base_model_name="x", records=[Record("d", 0)],
                       label_set=LabelSet.from_pairs([(0, "a")]), system_prompt="p",
                       config=TrainingConfig(deepspeed="zero2"), job_dir=tmp_path / "job")
+
+
+@pytest.mark.parametrize("peer", [
+    {"exitcode": -15, "report": None},  # torchrun stopped rank 0 first
+    {"exitcode": 1, "report": {"code": "training_crashed", "message": "RuntimeError: [gloo] Connection closed"}},
+])
+def test_the_rank_that_died_is_named_not_the_peer_it_took_down(tmp_path, peer):
+    """Rank 1 segfaults; rank 0 is either stopped by torchrun or fails in its next collective first (a race):
+    the job's error names rank 1 and its signal either way."""
+    import json
+
+    from app.services.training_process import FAILURES_FILENAME, _failure
+
+    if peer["report"]:
+        (tmp_path / "error-rank0.json").write_text(json.dumps(peer["report"]))
+    (tmp_path / FAILURES_FILENAME).write_text(json.dumps([{"rank": 0, "pid": 10, "exitcode": peer["exitcode"]},
+                                                          {"rank": 1, "pid": 11, "exitcode": -11}]))
+    error = _failure(tmp_path, 1, ProcessPlan(2))
+    assert error.code == "training_process_died"
+    assert str(error) == "training process rank 1 of 2 (pid 11) was killed by SIGSEGV (exit code -11); rank 0 ended with it"
+
+
+def test_a_rank_that_says_why_it_failed_is_believed(tmp_path):
+    import json
+
+    from app.services.training_process import FAILURES_FILENAME, _failure
+
+    (tmp_path / "error-rank0.json").write_text(json.dumps({"code": "training_crashed", "message": "collective"}))
+    (tmp_path / "error-rank1.json").write_text(json.dumps({"code": "out_of_memory", "message": "CUDA out of memory"}))
+    (tmp_path / FAILURES_FILENAME).write_text(json.dumps([{"rank": 1, "pid": 11, "exitcode": 1},
+                                                          {"rank": 0, "pid": 10, "exitcode": 1}]))
+    error = _failure(tmp_path, 1, ProcessPlan(2))
+    assert (error.code, str(error)) == ("out_of_memory", "CUDA out of memory")

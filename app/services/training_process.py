@@ -196,22 +196,29 @@ def _exit_description(code: int) -> str:
 
 
 def _failure(run_dir: Path, code: int, plan: ProcessPlan) -> TrainingProcessError:
-    """Why the child ended badly: a rank's own report first, then which rank died of what, then the exit."""
-    reports = sorted(run_dir.glob("error-rank*.json"), key=lambda p: int(p.stem.removeprefix("error-rank")))
-    for path in reports:
+    """Why the child ended badly. Under torchrun one rank's death takes the others down (a broken collective,
+    or torchrun's SIGTERM), so the cause is looked for in this order: a rank that died without a word (a
+    signal, an abrupt exit), a rank's own report of a specific error, any rank's report, the exit status."""
+    reports = {}
+    for path in run_dir.glob("error-rank*.json"):
         report = _read_json(path)
         if report:
-            return TrainingProcessError(report["code"], report["message"])
-    failures = _read_json(run_dir / FAILURES_FILENAME)
-    if failures:
-        # When one rank dies torchrun stops the others with SIGTERM: the cause is the rank that died otherwise.
-        failures.sort(key=lambda failure: failure["exitcode"] == -signal.SIGTERM)
-        first, others = failures[0], failures[1:]
+            reports[int(path.stem.removeprefix("error-rank"))] = report
+    failures = _read_json(run_dir / FAILURES_FILENAME) or []
+    silent = [f for f in failures if f["rank"] not in reports and f["exitcode"] != -signal.SIGTERM]
+    if silent:
+        first, others = silent[0], sorted({f["rank"] for f in failures} - {silent[0]["rank"]})
         message = (f"training process rank {first['rank']} of {plan.processes} (pid {first['pid']}) "
                    f"{_exit_description(first['exitcode'])}")
         if others:
-            message += "; torchrun then stopped rank " + ", ".join(str(other["rank"]) for other in others)
+            message += f"; rank {', '.join(map(str, others))} ended with it"
         return TrainingProcessError("training_process_died", message)
+    for rank in sorted(reports, key=lambda r: (reports[r]["code"] == "training_crashed", r)):
+        return TrainingProcessError(reports[rank]["code"], reports[rank]["message"])
+    if failures:
+        first = failures[0]
+        return TrainingProcessError("training_process_died", f"training process rank {first['rank']} of "
+                                    f"{plan.processes} (pid {first['pid']}) {_exit_description(first['exitcode'])}")
     return TrainingProcessError("training_process_died", f"the training process {_exit_description(code)}")
 
 
