@@ -221,3 +221,11 @@ def test_a_pid_counts_only_in_its_own_pid_namespace():
     assert host.split("#")[0] == os.uname().nodename
     assert not queue.pid_dead_here(f"{host}:{dead.pid}:{rest}")  # a pid that exists only over there
     assert queue.pid_dead_here(f"{queue.host_key()}:{dead.pid}:{rest}")  # the same pid here: dead
+
+
+def test_a_worker_refuses_worker_labels_that_are_not_labels(settings):
+    env = {**os.environ, "DATA_DIR": str(settings.data_dir), "WORKER_LABELS": "gpu, A 100"}
+    result = subprocess.run([sys.executable, "-m", "workers", "--once"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "WORKER_LABELS" in result.stderr and "'a 100'" in result.stderr

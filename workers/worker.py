@@ -15,6 +15,7 @@ import threading
 
 from app.core.config import Settings
 from app.core.db import display_url, run_migrations, session_scope
+from app.domain.resources import parse_labels
 from app.services import pipelines, queue, worker_registry
 
 log = logging.getLogger("intent_tuner.worker")
@@ -23,6 +24,7 @@ log = logging.getLogger("intent_tuner.worker")
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.labels = parse_labels(settings.worker_labels)  # WORKER_LABELS, canonical; a bad one stops the start
         self.worker_id = queue.worker_identity()
         self.classifiers = pipelines.Classifiers(settings)  # this process's one classifier registry
         self._shutdown = threading.Event()
@@ -46,7 +48,7 @@ class Worker:
     def run_forever(self, *, exit_when_idle: bool = False, max_jobs: int | None = None) -> int:
         run_migrations(self.settings)
         self.reserve_gpus()
-        log.info("worker %s (labels: %s) polling %s", self.worker_id, self.settings.worker_labels or "none",
+        log.info("worker %s (labels: %s) polling %s", self.worker_id, self.labels or "none",
                  display_url(self.settings))
         done = 0
         try:
@@ -54,10 +56,10 @@ class Worker:
                 if max_jobs is not None and done >= max_jobs:
                     break
                 with session_scope(self.settings) as session:
-                    worker_registry.touch_worker(session, self.worker_id, labels=self.settings.worker_labels)
+                    worker_registry.touch_worker(session, self.worker_id, labels=self.labels)
                     for job_id in queue.recover_orphaned_jobs(session, self.settings):
                         log.warning("recovered orphaned job %s", job_id)
-                    job = queue.claim_next_job(session, self.worker_id, self.settings.worker_labels)
+                    job = queue.claim_next_job(session, self.worker_id, self.labels)
                 if job is None:
                     if exit_when_idle:
                         break
@@ -82,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-jobs", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = Worker(get_settings())
+    try:
+        worker = Worker(get_settings())
+    except ValueError as exc:  # WORKER_LABELS that are not labels: say so, not a traceback
+        parser.exit(2, f"python -m workers: WORKER_LABELS: {exc}\n")
     signal.signal(signal.SIGTERM, worker.request_shutdown)
     signal.signal(signal.SIGINT, worker.request_shutdown)
     worker.run_forever(exit_when_idle=args.once, max_jobs=args.max_jobs)

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
                     "unset: all it sees.")
     worker_labels: str = Field(
         default="", description="What this worker offers, e.g. 'gpu,a100': it claims only jobs whose "
-                                "resources.labels it has all of (and every job without labels).")
+                                "resources.labels it has all of (and every job without labels). Checked by "
+                                "the worker at its start (app.domain.resources.parse_labels).")
     device: str | None = Field(default=None, description="cuda, cpu; default: cuda when available.")
     glm4_9b_path: Path | None = Field(
         default=None, validation_alias="GLM4_9B_PATH",
@@ -80,13 +81,6 @@ class Settings(BaseSettings):
     @classmethod
     def _unset_when_empty(cls, value):
         return None if value == "" else value  # WORKER_GPUS= (compose passes an unset variable as "")
-
-    @field_validator("worker_labels")
-    @classmethod
-    def _canonical_worker_labels(cls, value: str) -> str:
-        from app.domain.resources import parse_labels
-
-        return parse_labels(value)
 
     @property
     def max_form_body_bytes(self) -> int:

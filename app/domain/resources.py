@@ -63,5 +63,5 @@ def parse_labels(text: str) -> str:
 
 def claimable_label_sets(worker_labels: str) -> list[str]:
     """The canonical label strings of every job a worker with ``worker_labels`` may run (its subsets)."""
-    labels = [label for label in worker_labels.split(",") if label]
+    labels = [label for label in parse_labels(worker_labels).split(",") if label]
     return [",".join(subset) for size in range(len(labels) + 1) for subset in combinations(sorted(labels), size)]

@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.domain.resources import parse_labels
 from app.models import Job, WorkerRow, utcnow
 from app.services.queue import pid_dead_here
 
@@ -26,7 +27,7 @@ def touch_worker(session: Session, worker_id: str, current_job_id: str | None = 
     ).rowcount
     if not updated:
         session.add(WorkerRow(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now,
-                              last_seen_at=now, current_job_id=current_job_id, labels=labels))
+                              last_seen_at=now, current_job_id=current_job_id, labels=parse_labels(labels)))
         gone = [row.id for row in session.scalars(select(WorkerRow).where(WorkerRow.id != worker_id))
                 if pid_dead_here(row.id) or row.last_seen_at < now - FORGET_AFTER]
         if gone:  # workers of this host that died (their jobs are recovered by heartbeat/pid) or long silent
