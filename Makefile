@@ -51,7 +51,8 @@ test-ui: $(VENV)/.ui $(CHROMIUM)
 
 # Scale-out: a real PostgreSQL server (a throw-away cluster per run, tests/pg.py) and real worker and
 # torchrun processes; then the API and worker suites again, every test on a fresh PostgreSQL database.
-SCALE_SUITES := tests/test_jobs.py tests/test_datasets_api.py tests/reliability tests/test_training_e2e.py
+SCALE_SUITES := tests/test_jobs.py tests/test_datasets_api.py tests/test_classify_api.py tests/test_metrics.py tests/test_storage.py \
+	tests/test_cli.py tests/reliability tests/test_training_e2e.py
 test-scale: $(VENV)/.installed postgres-binaries
 	$(PY) -m pytest -m scale -q
 	TEST_DATABASE=postgres $(PY) -m pytest -m "not slow and not ui and not scale" -q $(SCALE_SUITES)

@@ -89,7 +89,7 @@ class _LockedDatabase:
 def write_lock(settings):
     """Hold the database's write lock: every write of another process waits (readers go on).
 
-    SQLite: its one write lock (WAL readers go on). PostgreSQL: the job tables locked IN EXCLUSIVE MODE,
+    SQLite: its one write lock (WAL readers go on). PostgreSQL: every table locked IN EXCLUSIVE MODE,
     which lets plain reads through and makes every write (and every SELECT ... FOR UPDATE) wait."""
     if settings.database_url and settings.database_url.startswith("postgresql"):
         import psycopg
@@ -99,7 +99,7 @@ def write_lock(settings):
         connection = psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
                                      dbname=url.database)
         try:
-            connection.execute("LOCK TABLE jobs, job_events, models, reports, workers IN EXCLUSIVE MODE")
+            connection.execute("LOCK TABLE datasets, jobs, job_events, models, reports, workers IN EXCLUSIVE MODE")
             yield _LockedDatabase(connection, "%s")
         finally:
             connection.rollback()
