@@ -75,8 +75,9 @@ demo: $(VENV)/.models
 serve: $(VENV)/.models
 	DATA_DIR=$(DATA_DIR) PORT=$(PORT) $(PY) -m app.serve
 
+# SECTIONS=train (or tokens,classify,...) re-runs only those sections and replaces them in docs/benchmarks.md.
 bench: $(VENV)/.models
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(if $(SECTIONS),--sections $(SECTIONS) --update)
 
 migrate: $(VENV)/.installed
 	DATA_DIR=$(DATA_DIR) $(VENV)/bin/alembic upgrade head

@@ -11,7 +11,9 @@ Sections (``--sections``, all by default):
 Every comparison runs both sides in this one process tree on the same model. A benchmark prints
 figures and never fails on a threshold; what it cannot measure it reports as "not measured: <why>".
 ``--quick`` runs everything on the tiny random GLM-4 with tiny sizes (the smoke test uses it):
-its figures show that the machinery works, not how fast anything is.
+its figures show that the machinery works, not how fast anything is. ``--update`` (``make bench
+SECTIONS=train``) re-runs only the named sections and replaces them in the existing report, each
+replaced section headed by its own date, machine and versions; the others stay as their run wrote them.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classify-requests", type=int, default=None, help="one-text requests per mode")
     parser.add_argument("--no-mid-model", action="store_true", help="skip the mid-size random GLM-4 in 'train'")
     parser.add_argument("--zero-shot", action="store_true", help="also evaluate the base model zero-shot in 'accuracy'")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only these sections in the existing --out report (the others are kept)")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in args.sections if s not in SECTIONS]
@@ -220,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    device=args.device, progress=log)
 
     total = time.perf_counter() - began
-    markdown = render(results, environment, model_name, args, total, out.parent)
+    if args.update and out.is_file():
+        markdown = update_sections(out.read_text(encoding="utf-8"), results, environment, args, out.parent)
+    else:
+        markdown = render(results, environment, model_name, args, total, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown, encoding="utf-8")
     raw = {key: {"seconds": r.seconds, "skipped": r.skipped, "data": r.data} for key, r in results.items()}
@@ -255,6 +262,33 @@ def render(results: dict, environment, model_name: str, args: argparse.Namespace
         if key in results:
             lines += [results[key].markdown(report_dir), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def update_sections(existing: str, results: dict, environment, args: argparse.Namespace, report_dir: Path) -> str:
+    """``existing`` with each section of ``results`` replaced (or appended at the end), headed by
+    the run it comes from: a report whose sections were measured on different days says so in each."""
+    import re
+
+    command = f"python -m bench.run --sections {','.join(args.sections)} --update"
+    parts = re.split(r"(?m)^(?=## )", existing)
+    head, sections = parts[0], parts[1:]
+    for key in SECTIONS:
+        if key not in results:
+            continue
+        body = results[key].markdown(report_dir)
+        title_line, _, rest = body.partition("\n")
+        provenance = [f"_This section was re-run alone (`{command}`); its run:_", "", *environment.markdown_lines()]
+        if environment.gpu is None:
+            provenance += ["", "> CPU only, on a machine shared with other work: ratios measured side by side are "
+                               "more stable than absolute times."]
+        replacement = "\n".join([title_line, "", *provenance, rest]).rstrip() + "\n\n"
+        title = title_line.strip()
+        at = next((i for i, section in enumerate(sections) if section.splitlines()[0].strip() == title), None)
+        if at is None:
+            sections.append(replacement)
+        else:
+            sections[at] = replacement
+    return (head + "".join(sections)).rstrip() + "\n"
 
 
 if __name__ == "__main__":
