@@ -4,10 +4,12 @@ Sections (``--sections``, all by default):
 
 1. ``tokens``: tokens per sample, old template vs system prompt vs shared prefix;
 2. ``train``: training samples/s and peak memory, naive vs shared prefix (LoRA, batch 4);
-3. ``classify``: /classify latency and throughput, free generation vs label scoring;
+3. ``classify``: serving: generation, full-answer and trie scoring, micro-batcher vs lock, vLLM
+   (guided choice and through the API) at 1, 4 and 16 clients (``bench/serving.py``);
 4. ``accuracy``: held-out accuracy/macro-F1, fine-tuned adapter vs a TF-IDF baseline.
 
-Every comparison runs both sides in this one process tree on the same model. A benchmark prints
+Sections not run keep their text from the existing report (``--out``), so one section can be re-measured
+alone. Every comparison runs both sides in this one process tree on the same model. A benchmark prints
 figures and never fails on a threshold; what it cannot measure it reports as "not measured: <why>".
 ``--quick`` runs everything on the tiny random GLM-4 with tiny sizes (the smoke test uses it):
 its figures show that the machinery works, not how fast anything is.
@@ -42,7 +44,8 @@ class Sizes:
     train_steps: int  # measured steps per path on the default model
     mid_model: bool  # also measure a mid-size random GLM-4 (cheaper steps, more of them)
     mid_steps: int
-    classify_requests: int
+    classify_requests: int  # dialogues per serving row
+    serving_train_steps: int  # the serving section's own adapter when the accuracy section did not run
     accuracy_steps: int | None  # None: the recipe's own max_steps
     accuracy_dialogue_tokens: int | None  # max_input_length = shared prefix + this (None: the recipe's)
     zero_shot: bool
@@ -50,9 +53,11 @@ class Sizes:
 
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
 # (a 0.5B-model LoRA step on batch 4 with the ~520-token prompt takes tens of seconds there).
-FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, classify_requests=5,
+FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, classify_requests=16,
+             serving_train_steps=8,
              accuracy_steps=None, accuracy_dialogue_tokens=128, zero_shot=False)
 QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, classify_requests=2,
+              serving_train_steps=1,
               accuracy_steps=2, accuracy_dialogue_tokens=128, zero_shot=False)
 
 
@@ -69,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--train-steps", type=int, default=None, help="measured training steps per path")
     parser.add_argument("--accuracy-steps", type=int, default=None, help="optimizer steps of the benchmark adapter")
-    parser.add_argument("--classify-requests", type=int, default=None, help="one-text requests per mode")
+    parser.add_argument("--classify-requests", type=int, default=None, help="dialogues per serving row")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows of the serving section")
     parser.add_argument("--no-mid-model", action="store_true", help="skip the mid-size random GLM-4 in 'train'")
     parser.add_argument("--zero-shot", action="store_true", help="also evaluate the base model zero-shot in 'accuracy'")
     args = parser.parse_args(argv)
@@ -199,22 +205,35 @@ def main(argv: list[str] | None = None) -> int:
         results["accuracy"] = section
 
     if "classify" in args.sections:
-        from bench.classify import AdapterUnderTest, run_classify_section
+        from bench.serving import AdapterUnderTest, run_serving_section
 
         pool = split.held_out if split is not None else sources[0].records
         n = sizes.classify_requests
         records, warmup_text = pool[:n], pool[n % len(pool)].dialogue if len(pool) > n else pool[-1].dialogue
-        adapter = None
-        if training is not None and training.adapter_dir is not None:
-            adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
-                                       f"the LoRA adapter trained in section 4 ({training.steps} steps)",
-                                       max_input_length=config.max_input_length)
-        results["classify"] = run_classify_section(model_name, model_dir, records, warmup_text, label_set,
-                                                   img_dir / f"{prefix}classify.png", work_dir, adapter=adapter,
-                                                   device=args.device, progress=log)
+        if training is None or training.adapter_dir is None:
+            from app.ml.train.config import resolve_training_config
+            from bench.accuracy import train_bench_adapter
+            from bench.data import Split
+
+            recipe = "tiny_test" if model_name == TINY else "cpu_small"
+            config, _ = resolve_training_config(recipe, {"max_steps": sizes.serving_train_steps, "save_steps": 10**6,
+                                                         "logging_steps": 1})
+            train_rows = split.train if split is not None else sources[0].records
+            log(f"[serving] training a {config.max_steps}-step adapter to serve")
+            training = train_bench_adapter(Split(train=train_rows, held_out=[], description=""), label_set,
+                                           system_prompt, model_name, model_dir, config, work_dir / "serving-adapter",
+                                           device=args.device, progress=log)
+        adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
+                                   f"a LoRA adapter trained {training.steps} steps in this run",
+                                   max_input_length=config.max_input_length)
+        results["classify"] = run_serving_section(model_name, model_dir, records, warmup_text, label_set,
+                                                  img_dir / f"{prefix}serving.png", work_dir, adapter=adapter,
+                                                  device=args.device, progress=log,
+                                                  vllm_skipped_by="--quick" if args.quick else
+                                                  "--no-vllm" if args.no_vllm else None)
 
     total = time.perf_counter() - began
-    markdown = render(results, environment, model_name, args, total, out.parent)
+    markdown = render(results, environment, model_name, args, total, out.parent, kept=_kept_sections(out, results))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown, encoding="utf-8")
     raw = {key: {"seconds": r.seconds, "skipped": r.skipped, "data": r.data} for key, r in results.items()}
@@ -225,8 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _kept_sections(out: Path, results: dict) -> dict[str, str]:
+    """The existing report's sections that this run did not measure, by key, to be written back unchanged."""
+    if not out.is_file():
+        return {}
+    kept = {}
+    chunks = out.read_text(encoding="utf-8").split("\n## ")[1:]
+    for key, number in zip(SECTIONS, ("1.", "2.", "3.", "4.")):
+        if key in results:
+            continue
+        for chunk in chunks:
+            if chunk.startswith(number):
+                kept[key] = "## " + chunk.rstrip()
+    return kept
+
+
 def render(results: dict, environment, model_name: str, args: argparse.Namespace, total_seconds: float,
-           report_dir: Path) -> str:
+           report_dir: Path, kept: dict[str, str] | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -245,9 +279,14 @@ def render(results: dict, environment, model_name: str, args: argparse.Namespace
     if environment.gpu is None:
         lines += ["> CPU only, and the machine is shared with other work: wall-clock figures can swing by a "
                   "large factor between runs. Ratios measured side by side are more stable than absolute times.", ""]
+    kept = kept or {}
+    if kept:
+        lines += [f"> Sections {', '.join(kept)} were not re-run (`--sections`); their text is from an earlier run.", ""]
     for key in SECTIONS:
         if key in results:
             lines += [results[key].markdown(report_dir), ""]
+        elif key in kept:
+            lines += [kept[key], ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -10,7 +10,7 @@ def make_backend(settings: Settings, *, bounded_queue: bool):
     if settings.inference_backend == "vllm":
         from app.ml.infer.vllm_backend import VLLMBackend
 
-        return VLLMBackend.from_settings(settings)
+        return VLLMBackend.from_settings(settings, bounded_queue=bounded_queue)
     from app.ml.infer.hf_backend import HFBackend
 
     return HFBackend.from_settings(settings, bounded_queue=bounded_queue)

@@ -21,6 +21,7 @@ Built once per (tokenizer, system prompt, label set) through ``LabelCandidates``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -68,31 +69,39 @@ class LabelTrie:
             allowed.append(sorted({p[len(path)] for p in prefixes if p[: len(path)] == path}))
         return cls(tuple(prefixes), tuple(inner), parent, steps, tuple(tuple(a) for a in allowed))
 
-    def label_log_probs(self, node_log_probs):
-        """log P(label) under decoding constrained to the label set, for a batch: ``node_log_probs(n)``
-        is the model's next-token log-distribution at node n (-1: the root) as a [batch, vocab] tensor;
-        the result is [batch, n_labels] and ``exp`` of each row sums to 1."""
-        import torch
+    def constrained_log_probs(self, node_log_probs: dict[int, dict[int, float]]) -> list[float]:
+        """log P(label) for every label under decoding constrained to the label set.
 
-        renormalised = {}
-        for node in range(-1, len(self.nodes)):
-            allowed = self.allowed[node + 1]
-            if len(allowed) < 2:
-                continue  # a forced step: log 1
-            logp = node_log_probs(node)
-            index = torch.tensor(allowed, device=logp.device)
-            picked = logp[:, index].float()
-            renormalised[node] = (dict(zip(allowed, range(len(allowed)))), picked - torch.logsumexp(picked, -1, keepdim=True))
-        batch = next(iter(renormalised.values()))[1].shape[0] if renormalised else None
-        if batch is None:  # one label: certain
-            logp = node_log_probs(-1)
-            return torch.zeros((logp.shape[0], len(self.prefixes)), dtype=torch.float32, device=logp.device)
-        out = torch.zeros((batch, len(self.prefixes)), dtype=torch.float32, device=next(iter(renormalised.values()))[1].device)
+        ``node_log_probs[n]`` maps each token in ``allowed[n + 1]`` to the model's log-probability of it
+        at node n (-1: the root), for every branching node; forced steps need nothing. The result's
+        ``exp`` sums to 1."""
+        renormalised: dict[int, dict[int, float]] = {}
+        for node in self.branching_nodes():
+            logp = node_log_probs[node]
+            top = max(logp[token] for token in self.allowed[node + 1])
+            log_z = top + math.log(sum(math.exp(logp[token] - top) for token in self.allowed[node + 1]))
+            renormalised[node] = {token: logp[token] - log_z for token in self.allowed[node + 1]}
+        out = [0.0] * len(self.prefixes)
         for node, target, label in self.steps:
             if node in renormalised:
-                column, values = renormalised[node]
-                out[:, label] += values[:, column[target]]
+                out[label] += renormalised[node][target]
         return out
+
+    def label_log_probs(self, node_log_probs):
+        """``constrained_log_probs`` for a batch: ``node_log_probs(n)`` is the model's next-token
+        log-distribution at node n as a [batch, vocab] tensor; returns a float32 [batch, n_labels] tensor."""
+        import torch
+
+        gathered = {}
+        for node in self.branching_nodes():
+            allowed = self.allowed[node + 1]
+            logp = node_log_probs(node)
+            values = logp[:, torch.tensor(allowed, device=logp.device)].float().cpu().tolist()
+            gathered[node] = [dict(zip(allowed, row)) for row in values]
+        batch = len(next(iter(gathered.values()))) if gathered else node_log_probs(-1).shape[0]
+        rows = [self.constrained_log_probs({node: per_text[b] for node, per_text in gathered.items()})
+                for b in range(batch)]
+        return torch.tensor(rows, dtype=torch.float32).reshape(batch, len(self.prefixes))
 
     def branching_nodes(self) -> list[int]:
         """Nodes (-1: the root) where a constrained decoder has a choice: the only ones whose

