@@ -281,9 +281,9 @@ class ClassifyRequest(RequestBody):
     )
     top_k: int = Field(5, ge=1, le=100)
     strategy: Literal["trie", "full"] | None = Field(
-        None, description="Score mode: trie scores each label by the tokens that decide it (the dialogue runs, "
-                          "then a few label tokens); full scores each label's whole answer. Default: "
-                          "CLASSIFY_STRATEGY (trie).")
+        None, description="Score mode: trie reads the distribution decoding constrained to the label set samples "
+                          "from (the dialogue runs, then the label trie's few branching tokens); full scores each "
+                          "label's whole answer (in-process backend only). Default: CLASSIFY_STRATEGY (trie).")
     labels: list[tuple[LabelId, LabelName]] | None = Field(
         None, min_length=1, max_length=MAX_ZERO_SHOT_LABELS,
         description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique names; "

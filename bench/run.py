@@ -215,9 +215,17 @@ def main(argv: list[str] | None = None) -> int:
             from bench.accuracy import train_bench_adapter
             from bench.data import Split
 
+            from app.ml.models.loading import load_tokenizer
+            from app.ml.text.encoding import shared_prefix_ids
+
             recipe = "tiny_test" if model_name == TINY else "cpu_small"
-            config, _ = resolve_training_config(recipe, {"max_steps": sizes.serving_train_steps, "save_steps": 10**6,
-                                                         "logging_steps": 1})
+            # Enough for the answer format (what serving's costs depend on), in a few minutes: small batches,
+            # dialogues cut as the accuracy section cuts them.
+            prefix_tokens = len(shared_prefix_ids(load_tokenizer(model_dir), system_prompt))
+            config, _ = resolve_training_config(recipe, {
+                "max_steps": sizes.serving_train_steps, "save_steps": 10**6, "logging_steps": 1,
+                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                "max_input_length": prefix_tokens + (sizes.accuracy_dialogue_tokens or 128)})
             train_rows = split.train if split is not None else sources[0].records
             log(f"[serving] training a {config.max_steps}-step adapter to serve")
             training = train_bench_adapter(Split(train=train_rows, held_out=[], description=""), label_set,

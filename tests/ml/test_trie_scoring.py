@@ -212,3 +212,14 @@ def test_trie_label_is_always_valid_for_other_label_sets(base, labels):
 def test_unknown_answer_scoring_is_refused(base):
     with pytest.raises(ValueError):
         LabelScorer(*base, SYSTEM_PROMPT, CMCC34_LABEL_SET).score(TEXTS, answers="greedy")
+
+
+def test_batches_keep_padding_bounded():
+    from app.ml.infer.scoring import _length_chunks
+
+    lengths = [10, 11, 12, 40, 41, 100]
+    chunks = _length_chunks(list(range(6)), lengths, 8, 0.25)
+    assert chunks == [[0, 1, 2], [3, 4], [5]]
+    for chunk in chunks:
+        assert len(chunk) * max(lengths[i] for i in chunk) <= 1.25 * sum(lengths[i] for i in chunk)
+    assert _length_chunks([0, 1, 2], [5, 5, 5], 2, 0.25) == [[0, 1], [2]]

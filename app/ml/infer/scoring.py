@@ -277,8 +277,10 @@ class LabelScorer:
         logit_chunk: int = 256,
         max_input_length: int | None = None,
         label_pass: LabelPass = "auto",
+        max_padding: float = 0.25,
     ):
         self.model = model
+        self.max_padding = max_padding
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
@@ -334,8 +336,9 @@ class LabelScorer:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = torch.empty((len(prompts), len(self.candidates.label_ids)), dtype=torch.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            cached = self._prefix.length if self.strategy == "prefix_cache" and self._prefix is not None else 0
+            lengths = [max(1, len(p) - cached) for p in prompts]  # the tokens that run: past the cached prefix
+            for chunk in _length_chunks(order, lengths, batch_size, self.max_padding):
                 out[chunk] = self._score_batch([prompts[i] for i in chunk], answers)
         return out
 
@@ -575,6 +578,25 @@ class LabelScorer:
                 return scores
             return trie.label_log_probs(lambda node: node_logp[node])
         return scores
+
+
+def _length_chunks(order: list[int], lengths: list[int], batch_size: int, max_padding: float) -> list[list[int]]:
+    """Split length-sorted ``order`` into batches of at most ``batch_size`` whose padded size stays within
+    ``1 + max_padding`` times their real tokens. On a CPU every token costs compute, so a padded batch of
+    mixed lengths (what a micro-batcher gathers from concurrent requests) can cost more than running
+    its texts apart; bounding the padding keeps sharing a forward from ever being much slower."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    for i in order:
+        candidate = chunk + [i]
+        padded = len(candidate) * max(lengths[j] for j in candidate)
+        if chunk and (len(candidate) > batch_size or padded > (1 + max_padding) * sum(lengths[j] for j in candidate)):
+            chunks.append(chunk)
+            candidate = [i]
+        chunk = candidate
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def label_distribution(log_probs: torch.Tensor) -> torch.Tensor:
