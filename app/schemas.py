@@ -287,6 +287,10 @@ class ClassifyRequest(RequestBody):
         "score", description="score: rank the model's labels (always a valid label); generate: free text, parsed."
     )
     top_k: int = Field(5, ge=1, le=100)
+    strategy: Literal["trie", "full"] | None = Field(
+        None, description="Score mode: trie reads the distribution decoding constrained to the label set samples "
+                          "from (the dialogue runs, then the label trie's few branching tokens); full scores each "
+                          "label's whole answer (in-process backend only). Default: CLASSIFY_STRATEGY (trie).")
     labels: list[tuple[LabelId, LabelName]] | None = Field(
         None, min_length=1, max_length=MAX_ZERO_SHOT_LABELS,
         description="Zero-shot on a base model only: [[id, name], ...] with unique integer ids and unique names; "
@@ -355,6 +359,7 @@ class PredictionOut(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     mode: str
+    strategy: str | None = None  # score mode's label scoring (trie or full); None for generate
     predictions: list[PredictionOut]
     latency_ms: float
 

@@ -5,7 +5,8 @@ Sections (``--sections``, all by default):
 1. ``tokens``: tokens per sample, old template vs system prompt vs shared prefix;
 2. ``train``: training samples/s and peak memory, naive vs shared prefix (LoRA, batch 4, and 4/8/16 on a
    mid-size GLM-4), each speed-up beside its token bound;
-3. ``classify``: /classify latency and throughput, free generation vs label scoring;
+3. ``classify``: serving: generation, full-answer and trie scoring, micro-batcher vs lock, vLLM
+   (guided choice and through the API) at 1, 4 and 16 clients (``bench/serving.py``);
 4. ``accuracy``: held-out accuracy/macro-F1, fine-tuned adapter vs a TF-IDF baseline.
 
 Every comparison runs both sides in this one process tree on the same model. A benchmark prints
@@ -47,7 +48,8 @@ class Sizes:
     mid_steps: int
     mid_batch_sizes: tuple[int, ...]  # the mid model's batch sizes: how the speed-up grows with the batch
     train_batch_sizes: tuple[int, ...]  # the default model's
-    classify_requests: int
+    classify_requests: int  # dialogues per serving row
+    serving_train_steps: int  # the serving section's own adapter when the accuracy section did not run
     accuracy_steps: int | None  # None: the recipe's own max_steps
     accuracy_dialogue_tokens: int | None  # max_input_length = shared prefix + this (None: the recipe's)
     zero_shot: bool
@@ -56,10 +58,10 @@ class Sizes:
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
 # (a 0.5B-model LoRA step on batch 4 with the ~520-token prompt takes tens of seconds there).
 FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid_steps=3, mid_batch_sizes=(4, 8, 16),
-             train_batch_sizes=(4,), classify_requests=5, accuracy_steps=None, accuracy_dialogue_tokens=128,
+             train_batch_sizes=(4,), classify_requests=16, serving_train_steps=8, accuracy_steps=None, accuracy_dialogue_tokens=128,
              zero_shot=False)
 QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, mid_batch_sizes=(),
-              train_batch_sizes=(4, 8), classify_requests=2, accuracy_steps=2, accuracy_dialogue_tokens=128,
+              train_batch_sizes=(4, 8), classify_requests=2, serving_train_steps=1, accuracy_steps=2, accuracy_dialogue_tokens=128,
               zero_shot=False)
 
 
@@ -76,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--train-steps", type=int, default=None, help="measured training steps per path")
     parser.add_argument("--accuracy-steps", type=int, default=None, help="optimizer steps of the benchmark adapter")
-    parser.add_argument("--classify-requests", type=int, default=None, help="one-text requests per mode")
+    parser.add_argument("--classify-requests", type=int, default=None, help="dialogues per serving row")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows of the serving section")
     parser.add_argument("--no-mid-model", action="store_true", help="skip the mid-size random GLM-4 in 'train'")
     parser.add_argument("--zero-shot", action="store_true", help="also evaluate the base model zero-shot in 'accuracy'")
     parser.add_argument("--update", action="store_true",
@@ -209,19 +212,40 @@ def main(argv: list[str] | None = None) -> int:
         results["accuracy"] = section
 
     if "classify" in args.sections:
-        from bench.classify import AdapterUnderTest, run_classify_section
+        from bench.serving import AdapterUnderTest, run_serving_section
 
         pool = split.held_out if split is not None else sources[0].records
         n = sizes.classify_requests
         records, warmup_text = pool[:n], pool[n % len(pool)].dialogue if len(pool) > n else pool[-1].dialogue
-        adapter = None
-        if training is not None and training.adapter_dir is not None:
-            adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
-                                       f"the LoRA adapter trained in section 4 ({training.steps} steps)",
-                                       max_input_length=config.max_input_length)
-        results["classify"] = run_classify_section(model_name, model_dir, records, warmup_text, label_set,
-                                                   img_dir / f"{prefix}classify.png", work_dir, adapter=adapter,
-                                                   device=args.device, progress=log)
+        if training is None or training.adapter_dir is None:
+            from app.ml.train.config import resolve_training_config
+            from bench.accuracy import train_bench_adapter
+            from bench.data import Split
+
+            from app.ml.models.loading import load_tokenizer
+            from app.ml.text.encoding import shared_prefix_ids
+
+            recipe = "tiny_test" if model_name == TINY else "cpu_small"
+            # Enough for the answer format (what serving's costs depend on), in a few minutes: small batches,
+            # dialogues cut as the accuracy section cuts them.
+            prefix_tokens = len(shared_prefix_ids(load_tokenizer(model_dir), system_prompt))
+            config, _ = resolve_training_config(recipe, {
+                "max_steps": sizes.serving_train_steps, "save_steps": 10**6, "logging_steps": 1,
+                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                "max_input_length": prefix_tokens + (sizes.accuracy_dialogue_tokens or 128)})
+            train_rows = split.train if split is not None else sources[0].records
+            log(f"[serving] training a {config.max_steps}-step adapter to serve")
+            training = train_bench_adapter(Split(train=train_rows, held_out=[], description=""), label_set,
+                                           system_prompt, model_name, model_dir, config, work_dir / "serving-adapter",
+                                           device=args.device, progress=log)
+        adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
+                                   f"a LoRA adapter trained {training.steps} steps in this run",
+                                   max_input_length=config.max_input_length)
+        results["classify"] = run_serving_section(model_name, model_dir, records, warmup_text, label_set,
+                                                  img_dir / f"{prefix}serving.png", work_dir, adapter=adapter,
+                                                  device=args.device, progress=log,
+                                                  vllm_skipped_by="--quick" if args.quick else
+                                                  "--no-vllm" if args.no_vllm else None)
 
     total = time.perf_counter() - began
     if args.update and out.is_file():
@@ -283,7 +307,8 @@ def update_sections(existing: str, results: dict, environment, args: argparse.Na
                                "more stable than absolute times."]
         replacement = "\n".join([title_line, "", *provenance, rest]).rstrip() + "\n\n"
         title = title_line.strip()
-        at = next((i for i, section in enumerate(sections) if section.splitlines()[0].strip() == title), None)
+        number = title.split()[1]  # "## 3. ..." : a section keeps its number when its title changes
+        at = next((i for i, section in enumerate(sections) if section.split()[1:2] == [number]), None)
         if at is None:
             sections.append(replacement)
         else:

@@ -18,7 +18,7 @@ from app.domain.records import Record
 SECTION_HEADINGS = {
     "tokens": "## 1. Tokens per sample",
     "train": "## 2. Training speed",
-    "classify": "## 3. /classify latency",
+    "classify": "## 3. Serving",
     "accuracy": "## 4. Accuracy",
 }
 NUMBER = r"\d+(?:\.\d+)?"
@@ -102,18 +102,20 @@ def test_train_section_measures_both_paths(quick_run):
     assert bound["8"] > bound["4"] > 1  # the prefix is run once for more samples
 
 
-def test_classify_section_measures_both_modes_through_the_api(quick_run):
+def test_serving_section_measures_every_strategy_through_the_api(quick_run):
     _, markdown, _ = quick_run
     section = _section(markdown, "classify")
-    assert "LoRA adapter trained in section 4" in section  # the API served this run's adapter
-    for mode in ("generate", "score"):
-        timing, work = _table_rows(section, mode, exact=True)  # the latency table, then the work table
-        assert float(timing[2]) > 0 and float(timing[3]) > 0  # p50, p95
-        assert re.fullmatch(r"\d+/2", timing[7])
-        assert re.search(rf"{NUMBER} (prompt|suffix)", work[1])
-    score = _table_rows(section, "score", exact=True)[0]
-    assert score[7] == "0/2"  # scoring always returns a label
-    assert _table_rows(section, "score vs generate")
+    assert "LoRA adapter trained" in section  # the API served this run's adapter
+    for name in ("generate", "score, full answers", "score, trie", "score, trie, lock"):
+        (row,) = _table_rows(section, name, exact=True)
+        assert float(row[1]) > 0 and float(row[2]) > 0  # p50, p95
+        assert all(float(cell) > 0 for cell in row[3:6])  # texts/s at 1, 4, 16 clients
+        assert re.fullmatch(r"\d+/2", row[7])
+    trie = _table_rows(section, "score, trie", exact=True)[0]
+    assert trie[7] == "0/2" and trie[8] == "2/2"  # scoring always returns a label
+    assert float(trie[6]) < float(_table_rows(section, "score, full answers", exact=True)[0][6])  # fewer tokens
+    assert _table_rows(section, "micro-batcher vs lock, texts/s at 16 clients")
+    assert "vLLM rows: skipped (--quick)" in section
 
 
 def test_accuracy_section_compares_adapter_and_baseline(quick_run):

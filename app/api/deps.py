@@ -1,4 +1,4 @@
-"""Request dependencies: settings, a database session, the bearer-key check, the classifier registry."""
+"""Request dependencies: settings, a database session, the bearer-key check, the inference backend."""
 
 from __future__ import annotations
 
@@ -46,13 +46,12 @@ def require_api_key(request: Request, settings: SettingsDep,
 _registry_lock = threading.Lock()
 
 
-def get_registry(request: Request):
-    """The app's classifier registry, created on first use (importing torch is not free)."""
+def get_backend(request: Request):
+    """The app's inference backend (``app.ml.infer.base``), created on first use (importing torch is not free)."""
     state = request.app.state
     with _registry_lock:
         if getattr(state, "classifiers", None) is None:
-            from app.ml.infer.classifier import ClassifierRegistry
+            from app.services.inference import make_backend
 
-            settings = state.settings
-            state.classifiers = ClassifierRegistry(max_adapters=settings.adapter_cache_size, device=settings.device)
+            state.classifiers = make_backend(state.settings, bounded_queue=True)
     return state.classifiers

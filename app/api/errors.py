@@ -24,7 +24,7 @@ _DESCRIPTIONS = {
     413: "Too large: detail.message names the limit (a setting).",
     422: "Invalid request: detail.field names the field (detail.row the row of an upload), detail.errors lists "
          "every problem of a malformed request.",
-    503: "Not ready: detail.message says why.",
+    503: "Not ready or overloaded: detail.message says why; Retry-After (seconds) when a retry may succeed.",
 }
 
 
@@ -62,7 +62,9 @@ def _validation_errors(exc: RequestValidationError) -> list[dict]:
 
 
 async def service_error_handler(_request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()})
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()}, headers=headers)
 
 
 async def validation_error_handler(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +82,26 @@ class Settings(BaseSettings):
     @classmethod
     def _unset_when_empty(cls, value):
         return None if value == "" else value  # WORKER_GPUS= (compose passes an unset variable as "")
+
+    classify_strategy: Literal["trie", "full"] = Field(
+        default="trie", description="How score mode scores a label when a request names no strategy: trie (its "
+                                    "distinguishing tokens, the default) or full (its whole answer).")
+    # Cross-request micro-batching of the in-process backend (app.ml.infer.batching), per base model.
+    classify_batch_window_ms: float = Field(default=2.0, ge=0, description="How long the first request of a "
+                                            "batch waits for others to join it.")
+    classify_max_batch_texts: int = Field(default=16, ge=1, description="Dialogues in one shared forward at most.")
+    classify_queue_size: int = Field(default=64, ge=1, description="Requests waiting per base model at most; "
+                                     "beyond it /classify answers 503 with Retry-After.")
+    classify_retry_after_seconds: int = Field(default=1, ge=1, description="Retry-After of a 503 for a full queue.")
+    # Where /classify and evaluations run: in this process (hf) or on a vLLM OpenAI-compatible server (vllm).
+    inference_backend: Literal["hf", "vllm"] = Field(default="hf", description="hf: transformers in-process; "
+                                                     "vllm: VLLM_URL, and the API loads no model.")
+    vllm_url: str = Field(default="http://127.0.0.1:8001", description="Base URL of the vLLM server (no /v1).")
+    vllm_model: str | None = Field(default=None, description="The served base model's name on the vLLM server "
+                                   "(default: the first of its /v1/models).")
+    vllm_timeout_seconds: float = Field(default=120.0, gt=0, description="Per request to the vLLM server.")
+    vllm_data_dir: Path | None = Field(default=None, description="DATA_DIR as the vLLM server sees it, for adapter "
+                                       "paths (default: the same path; compose mounts one volume on both).")
 
     @property
     def max_form_body_bytes(self) -> int:

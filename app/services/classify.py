@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.services.errors import PayloadTooLargeError, UnprocessableError
+from app.services.errors import NotFoundError, PayloadTooLargeError, ServiceUnavailableError, UnprocessableError
 from app.services.models import resolve_model_ref
 
 
@@ -23,19 +23,33 @@ def check_request_size(settings: Settings, texts: list[str], *, single: bool) ->
                 f"{field} has {len(text)} characters; at most {limit} (CLASSIFY_MAX_TEXT_CHARS)", field=field)
 
 
-def classify_texts(session: Session, settings: Settings, registry, *, model: str, texts: list[str], single: bool,
-                   labels: list[tuple[int, str]] | None, mode: str, top_k: int) -> list:
-    """Predictions for ``texts`` (``app.ml.infer.classifier.Prediction``), in order."""
-    from app.ml.infer.classifier import PromptTooLongError
+def classify_texts(session: Session, settings: Settings, backend, *, model: str, texts: list[str], single: bool,
+                   labels: list[tuple[int, str]] | None, mode: str, top_k: int, strategy: str | None = None) -> list:
+    """Predictions for ``texts`` (``app.ml.infer.base.Prediction``), in order, from the app's inference
+    backend (``app.ml.infer.base.InferenceBackend``)."""
+    from app.ml.infer.base import (
+        AdapterUnavailableError,
+        BackendUnavailableError,
+        PromptTooLongError,
+        UnsupportedRequestError,
+    )
 
     check_request_size(settings, texts, single=single)
     ref = resolve_model_ref(session, settings, model, labels=labels)
     if labels and ref.adapter_dir is not None:
         raise UnprocessableError(f"labels are for zero-shot on a base model; '{model}' is a fine-tuned model and "
                                  "answers with the labels it was trained on", field="labels")
+    # The ref is plain data: give the connection back before waiting for the model, or concurrent requests
+    # queueing for inference would exhaust the connection pool (and wait on it instead of the batcher).
+    session.close()
     try:
-        classifier = registry.get(ref)
+        return backend.classify(ref, texts, mode=mode, top_k=top_k, strategy=strategy or settings.classify_strategy)
     except PromptTooLongError as exc:
         raise UnprocessableError(f"{exc}: use fewer or shorter labels, or raise CLASSIFY_MAX_INPUT_LENGTH",
                                  field="labels" if labels else "model") from None
-    return classifier.classify(texts, mode=mode, top_k=top_k)
+    except BackendUnavailableError as exc:
+        raise ServiceUnavailableError(str(exc), retry_after=exc.retry_after) from None
+    except AdapterUnavailableError as exc:
+        raise NotFoundError(f"model '{model}': {exc}", field="model") from None
+    except UnsupportedRequestError as exc:
+        raise UnprocessableError(str(exc), field="labels" if labels else "mode") from None

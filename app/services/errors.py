@@ -44,3 +44,13 @@ class UnprocessableError(ServiceError):
 
 class PayloadTooLargeError(ServiceError):
     status_code = 413
+
+
+class ServiceUnavailableError(ServiceError):
+    """503: the inference engine cannot answer now; ``retry_after`` seconds go to the Retry-After header."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int | None = None, field: str | None = None):
+        super().__init__(message, field=field)
+        self.retry_after = retry_after

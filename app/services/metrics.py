@@ -167,7 +167,8 @@ class ServiceMetrics:
         return encode(self.registry), content_type
 
 
-def backend_name(registry) -> str:
-    """The serving backend of a classifier registry, for the ``backend`` label (transformers unless the
-    registry names another)."""
-    return str(getattr(registry, "backend", None) or "transformers")
+def backend_name(backend) -> str:
+    """The engine behind an inference backend (``app.ml.infer.base``), for the ``backend`` label:
+    transformers (in-process) or vllm."""
+    name = str(getattr(backend, "name", None) or "hf")
+    return "transformers" if name == "hf" else name

@@ -51,7 +51,7 @@ def list_base_models(settings: Settings) -> list[dict]:
 
 def resolve_model_ref(session: Session, settings: Settings, model: str, *, labels: list | None = None):
     """A ModelRef for a fine-tuned adapter id or, for zero-shot, a base model name."""
-    from app.ml.infer.classifier import ModelRef
+    from app.ml.infer.base import ModelRef
     from app.ml.models.registry import BaseModelError, get_spec, resolve_base_model
 
     adapter = session.get(FineTunedModel, model)
@@ -74,7 +74,7 @@ def adapter_model_ref(settings: Settings, model: FineTunedModel):
     stored, for the validation run of the job that trained it) is the one source of its serving settings.
 
     Raises BaseModelError when its base model cannot be had."""
-    from app.ml.infer.classifier import ModelRef
+    from app.ml.infer.base import ModelRef
     from app.ml.models.registry import resolve_base_model
 
     adapter_dir = settings.resolve_stored_path(model.adapter_path)

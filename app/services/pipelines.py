@@ -60,11 +60,10 @@ class Classifiers:
         self._registry = None
 
     def get(self):
-        if self._registry is None:
-            from app.ml.infer.classifier import ClassifierRegistry
+        if self._registry is None:  # the inference backend: ``.get(ref).classify(...)`` on either engine
+            from app.services.inference import make_backend
 
-            self._registry = ClassifierRegistry(max_adapters=self.settings.adapter_cache_size,
-                                                device=self.settings.device)
+            self._registry = make_backend(self.settings, bounded_queue=False)
         return self._registry
 
     def release(self) -> None:

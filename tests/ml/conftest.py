@@ -17,8 +17,11 @@ def tiny_model_dir(tmp_path_factory):
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny-glm4"))
 
 
-def make_random_lora_adapter(base_dir, out_dir, seed: int):
-    """A LoRA adapter on q/k/v/o with random lora_B (so it changes outputs), dropout on (eval must disable it)."""
+def make_random_lora_adapter(base_dir, out_dir, seed: int, scale: float = 0.5):
+    """A LoRA adapter on q/k/v/o with random lora_B (so it changes outputs), dropout on (eval must disable it).
+
+    ``scale`` is lora_B's standard deviation: 0.5 wrecks a real model (fine for the tiny one); comparing
+    two engines on Qwen needs a milder one, or float rounding decides the answer."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -30,6 +33,6 @@ def make_random_lora_adapter(base_dir, out_dir, seed: int):
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(str(out_dir))
     return out_dir

@@ -41,7 +41,7 @@ def expected_probs(base_dir, adapter_dir, texts=TEXTS, system_prompt=SYSTEM_PROM
 
     loaded = load_base_model(base_dir, quantization="none", device="cpu")
     model = loaded.model if adapter_dir is None else PeftModel.from_pretrained(loaded.model, str(adapter_dir)).eval()
-    return label_distribution(LabelScorer(model, loaded.tokenizer, system_prompt, label_set).score(texts))
+    return label_distribution(LabelScorer(model, loaded.tokenizer, system_prompt, label_set).score(texts, answers="trie"))
 
 
 def probs_of(predictions: list[Prediction], label_set=LABELS) -> torch.Tensor:

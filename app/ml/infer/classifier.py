@@ -8,9 +8,10 @@
   baseline, ``app.ml.infer.generation``).
 - ``ClassifierRegistry`` keeps classifiers ready: each base model is loaded once and every adapter
   on it is a named peft adapter of that one model (``load_adapter`` / ``set_adapter`` /
-  ``delete_adapter``), least recently used ones evicted beyond ``max_adapters``. A lock per base
-  model serialises "activate my adapter + forward", so concurrent requests for two adapters of one
-  base each get their own adapter's answers.
+  ``delete_adapter``), least recently used ones evicted beyond ``max_adapters``. Requests on one
+  base model go through its ``MicroBatcher`` (``app.ml.infer.batching``): concurrent requests on the
+  same adapter share forwards, requests on different adapters run one after the other ("activate my
+  adapter + forward" under the base's lock), so each gets its own adapter's answers.
 """
 
 from __future__ import annotations
@@ -24,60 +25,33 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from app.domain.labels import LabelSet
+from app.ml.infer.base import (  # noqa: F401 - re-exported: the classifier's public types
+    MODES,
+    Mode,
+    ModelRef,
+    Prediction,
+    PromptTooLongError,
+    TopLabel,
+)
+from app.ml.infer.batching import MicroBatcher
 from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS, generate_answers
-from app.ml.infer.scoring import LabelScorer, label_distribution, render_prompt_ids
+from app.ml.infer.scoring import ANSWER_SCORINGS, AnswerScoring, LabelScorer, label_distribution, render_prompt_ids
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["score", "generate"]
-MODES = ("score", "generate")
-
-
-@dataclass
-class TopLabel:
-    intent_id: int
-    label: str
-    score: float  # probability of this label among the label set
-
-
-@dataclass
-class Prediction:
-    intent_id: int | None  # None: a generated answer that names no label (never in score mode)
-    label: str | None
-    confidence: float | None  # probability of the chosen label (score mode); None for generation
-    top_k: list[TopLabel]
-    raw_output: str | None  # the generated text (generate mode); None in score mode
-    latency_ms: float  # the batch's wall time divided by its size
-    mode: str
-
 
 @dataclass(frozen=True)
-class ModelRef:
-    """A servable model. Two refs with the same ``key`` but another ``version`` are different models."""
+class BatchingConfig:
+    """Cross-request micro-batching per base model (``app.ml.infer.batching``)."""
 
-    key: str
-    version: str
-    base_model_dir: Path
-    adapter_dir: Path | None
-    system_prompt: str
-    label_set: LabelSet
-    quantization: str = "auto"
-    # Prompt tokens at most, as in training (TrainingConfig.max_input_length); None = no truncation.
-    max_input_length: int | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "base_model_dir", Path(self.base_model_dir))
-        if self.adapter_dir is not None:
-            object.__setattr__(self, "adapter_dir", Path(self.adapter_dir))
-
-
-class PromptTooLongError(ValueError):
-    """The prompt without any dialogue (system prompt + label list) does not fit the ref's max input length."""
+    window_s: float = 0.002
+    max_batch_texts: int = 16
+    max_pending: int = 0  # 0: unbounded (a worker's evaluation waits instead of being refused)
+    retry_after_s: int = 1
 
 
 def check_prompt_fits(tokenizer, ref: ModelRef) -> None:
@@ -99,13 +73,17 @@ class _BaseModelSlot:
     adapter is state of the shared model.
     """
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, batching: BatchingConfig | None = None):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.quantization = loaded.quantization
         self.device = loaded.device
         self.lock = threading.RLock()
         self.adapters: set[str] = set()
+        batching = batching or BatchingConfig()
+        self.batcher = MicroBatcher(window_s=batching.window_s, max_batch_texts=batching.max_batch_texts,
+                                    max_pending=batching.max_pending, retry_after_s=batching.retry_after_s,
+                                    name="classify-batcher")
 
     def attach(self, name: str, adapter_dir: Path) -> None:
         with self.lock:
@@ -139,6 +117,7 @@ class _BaseModelSlot:
             self.model.set_adapter(name)
 
     def release(self) -> None:
+        """Drop the model; the batcher must be closed first (outside ``lock``: its thread may wait on it)."""
         self.model = None
         self.tokenizer = None
 
@@ -181,31 +160,61 @@ class IntentClassifier:
         top_k: int = 5,
         batch_size: int = 8,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        strategy: AnswerScoring = "trie",
     ) -> list[Prediction]:
+        """Predictions for ``texts``; in score mode ``strategy`` says how a label is scored
+        (``trie``: its distinguishing prefix, ``full``: its whole answer; ``app.ml.infer.scoring``).
+
+        Each ``batch_size`` texts go to the base model's micro-batcher, where they may share a forward
+        with other callers' texts on the same adapter (``QueueFullError`` when its queue is full).
+        """
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (use {' or '.join(MODES)})")
+        if strategy not in ANSWER_SCORINGS:
+            raise ValueError(f"unknown strategy '{strategy}' (use {' or '.join(ANSWER_SCORINGS)})")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        group = (id(self), mode, strategy if mode == "score" else None, max_new_tokens if mode == "generate" else None)
+
+        def run(batch: list[str]) -> list:
+            return self._run_batch(batch, mode, strategy, max_new_tokens)
+
+        # Submitted together so that one caller's chunks can also share forwards with each other.
+        futures = [self._slot.batcher.submit(group, list(texts[start : start + batch_size]), run)
+                   for start in range(0, len(texts), batch_size)]
         predictions: list[Prediction] = []
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start : start + batch_size])
-            with self._slot.lock:
-                began = time.perf_counter()
-                temporary = self._attach_if_evicted()
-                try:
-                    self._slot.activate(self._adapter_name)
-                    if mode == "score":
-                        made = self._score(batch, top_k)
-                    else:
-                        made = self._generate(batch, max_new_tokens)
-                finally:
-                    if temporary:
-                        self._slot.detach(self._adapter_name)
-                elapsed_ms = (time.perf_counter() - began) * 1000.0
-            for prediction in made:
-                prediction.latency_ms = elapsed_ms / len(batch)
-            predictions.extend(made)
+        for future in futures:
+            for raw, latency_ms in future.result():
+                predictions.append(self._prediction(raw, mode, top_k, latency_ms))
         return predictions
+
+    def _run_batch(self, batch: list[str], mode: str, strategy: AnswerScoring, max_new_tokens: int) -> list:
+        """(raw result, latency ms) per text: a row of label probabilities, or a generated answer."""
+        with self._slot.lock:
+            began = time.perf_counter()
+            temporary = self._attach_if_evicted()
+            try:
+                self._slot.activate(self._adapter_name)
+                if mode == "score":
+                    probs = label_distribution(self._scorer.score(batch, batch_size=len(batch), answers=strategy))
+                    made = list(probs)
+                else:
+                    made = self._generate(batch, max_new_tokens)
+            finally:
+                if temporary:
+                    self._slot.detach(self._adapter_name)
+            elapsed_ms = (time.perf_counter() - began) * 1000.0
+        return [(raw, elapsed_ms / len(batch)) for raw in made]
+
+    def _prediction(self, raw, mode: str, top_k: int, latency_ms: float) -> Prediction:
+        if mode != "score":
+            return Prediction(raw.label_id, raw.label_name, None, [], raw.text, latency_ms, "generate")
+        ids, names = self._scorer.candidates.label_ids, self._scorer.candidates.label_names
+        k = max(1, min(top_k, len(ids)))
+        values, order = raw.topk(k)
+        top = [TopLabel(ids[j], names[j], float(p)) for p, j in zip(values.tolist(), order.tolist())]
+        return Prediction(top[0].intent_id, top[0].label, top[0].score, top if top_k > 0 else [], None, latency_ms,
+                          "score")
 
     def _attach_if_evicted(self) -> bool:
         if not self._evicted or self._adapter_name is None or self._adapter_name in self._slot.adapters:
@@ -216,19 +225,8 @@ class IntentClassifier:
         self._scorer.reset()  # the adapter on disk may have changed since the prefix was built
         return True
 
-    def _score(self, batch: list[str], top_k: int) -> list[Prediction]:
-        probs = label_distribution(self._scorer.score(batch, batch_size=len(batch)))
-        ids, names = self._scorer.candidates.label_ids, self._scorer.candidates.label_names
-        k = max(1, min(top_k, len(ids)))
-        values, order = probs.topk(k, dim=-1)
-        out = []
-        for row_values, row_order in zip(values.tolist(), order.tolist()):
-            top = [TopLabel(ids[j], names[j], float(p)) for p, j in zip(row_values, row_order)]
-            out.append(Prediction(top[0].intent_id, top[0].label, top[0].score, top if top_k > 0 else [], None, 0.0, "score"))
-        return out
-
-    def _generate(self, batch: list[str], max_new_tokens: int) -> list[Prediction]:
-        answers = generate_answers(
+    def _generate(self, batch: list[str], max_new_tokens: int) -> list:
+        return generate_answers(
             self._slot.model,
             self._slot.tokenizer,
             self.ref.system_prompt,
@@ -238,7 +236,6 @@ class IntentClassifier:
             batch_size=len(batch),
             max_input_length=self.ref.max_input_length,
         )
-        return [Prediction(a.label_id, a.label_name, None, [], a.text, 0.0, "generate") for a in answers]
 
 
 @dataclass
@@ -264,11 +261,12 @@ class ClassifierRegistry:
     unloaded when another base is needed.
     """
 
-    def __init__(self, max_adapters: int = 2, device: str | None = None):
+    def __init__(self, max_adapters: int = 2, device: str | None = None, batching: BatchingConfig | None = None):
         if max_adapters < 1:
             raise ValueError("max_adapters must be >= 1")
         self.max_adapters = max_adapters
         self.device = device
+        self.batching = batching or BatchingConfig()
         self._lock = threading.RLock()
         self._bases: dict[tuple[str, str], _BaseModelSlot] = {}
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -337,12 +335,13 @@ class ClassifierRegistry:
 
         log.info("loading base model %s (quantization %s)", ref.base_model_dir, ref.quantization)
         loaded = load_base_model(ref.base_model_dir, quantization=ref.quantization, device=self.device)
-        slot = _BaseModelSlot(loaded)
+        slot = _BaseModelSlot(loaded, self.batching)
         self._bases[base_key] = slot
         return slot
 
     def _unload_base(self, base_key: tuple[str, str]) -> None:
         slot = self._bases.pop(base_key)
+        slot.batcher.close()
         with slot.lock:
             slot.release()
         gc.collect()

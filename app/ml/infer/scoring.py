@@ -51,6 +51,7 @@ import torch
 
 from app.domain.labels import LabelSet
 from app.domain.prompt import format_answer
+from app.ml.infer.trie import LabelTrie
 from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
 from app.ml.text.encoding import (
     assistant_turn,
@@ -62,6 +63,9 @@ from app.ml.text.encoding import (
 )
 
 Strategy = Literal["prefix_cache", "full"]
+# What a label's score is: its distinguishing prefix ("trie", app.ml.infer.trie) or its whole answer ("full").
+AnswerScoring = Literal["trie", "full"]
+ANSWER_SCORINGS = ("trie", "full")
 LabelPass = Literal["auto", "packed", "rows"]
 # Attention implementations that take a custom 4D mask (the packed label pass needs one).
 _CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
@@ -126,6 +130,18 @@ class LabelCandidates:
 
     def full_ids(self, index: int) -> list[int]:
         return list(self.shared_ids) + list(self.remaining[index])
+
+    @property
+    def trie(self) -> LabelTrie:
+        cached = self.__dict__.get("_trie")
+        if cached is None:
+            cached = LabelTrie.build(self.remaining)
+            object.__setattr__(self, "_trie", cached)
+        return cached
+
+    def prefix_ids(self, index: int) -> list[int]:
+        """The shared tokens + label ``index``'s distinguishing prefix."""
+        return list(self.shared_ids) + list(self.trie.prefixes[index])
 
 
 # --- model plumbing ---------------------------------------------------------------------------
@@ -261,8 +277,10 @@ class LabelScorer:
         logit_chunk: int = 256,
         max_input_length: int | None = None,
         label_pass: LabelPass = "auto",
+        max_padding: float = 0.25,
     ):
         self.model = model
+        self.max_padding = max_padding
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
@@ -301,8 +319,15 @@ class LabelScorer:
         """Forget the prefix cache (the adapter's weights changed)."""
         self._prefix = None
 
-    def score(self, texts: list[str], *, batch_size: int = 8) -> torch.Tensor:
-        """log P(answer_label | prompt(text)) for every text and label: a float32 [n_texts, n_labels] CPU tensor."""
+    def score(self, texts: list[str], *, batch_size: int = 8, answers: AnswerScoring = "full") -> torch.Tensor:
+        """log P(answer_label | prompt(text)) for every text and label: a float32 [n_texts, n_labels] CPU tensor.
+
+        ``answers="trie"``: log P(label) under decoding constrained to the label set instead
+        (``app.ml.infer.trie``): only the dialogue and the trie's inner nodes run; rows sum to 1 in
+        probability.
+        """
+        if answers not in ANSWER_SCORINGS:
+            raise ValueError(f"unknown answer scoring '{answers}' (use {' or '.join(ANSWER_SCORINGS)})")
         if not texts:
             return torch.zeros((0, len(self.candidates.label_ids)))
         prompts = [render_prompt_ids(self.tokenizer, self.system_prompt, t, self.max_input_length) for t in texts]
@@ -311,28 +336,44 @@ class LabelScorer:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = torch.empty((len(prompts), len(self.candidates.label_ids)), dtype=torch.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                out[chunk] = self._score_batch([prompts[i] for i in chunk])
+            cached = self._prefix.length if self.strategy == "prefix_cache" and self._prefix is not None else 0
+            lengths = [max(1, len(p) - cached) for p in prompts]  # the tokens that run: past the cached prefix
+            for chunk in _length_chunks(order, lengths, batch_size, self.max_padding):
+                out[chunk] = self._score_batch([prompts[i] for i in chunk], answers)
         return out
 
-    def _score_batch(self, prompts: list[list[int]]) -> torch.Tensor:
+    def tokens_run(self, texts: list[str], answers: AnswerScoring = "full") -> list[int]:
+        """Tokens each text costs beyond the cached system prompt (for benchmarks): its suffix + label tokens."""
+        cands = self.candidates
+        prefix_len = len(shared_prefix_ids(self.tokenizer, self.system_prompt)) if self.strategy == "prefix_cache" else 0
+        if answers == "trie":
+            extra = len(cands.trie.nodes)
+        else:
+            extra = sum(len(rest) - 1 for rest in cands.remaining)
+        out = []
+        for text in texts:
+            ids = render_prompt_ids(self.tokenizer, self.system_prompt, text, self.max_input_length)
+            out.append(len(ids) - prefix_len + len(cands.shared_ids) + extra)
+        return out
+
+    def _score_batch(self, prompts: list[list[int]], answers: AnswerScoring = "full") -> torch.Tensor:
         if self.strategy == "full":
-            return self._score_full(prompts)
+            return self._score_full(prompts, answers)
         assert self._prefix is not None
         out = torch.empty((len(prompts), len(self.candidates.label_ids)), dtype=torch.float32)
         with_prefix = [i for i, ids in enumerate(prompts) if self._prefix.matches(ids)]
         without = [i for i in range(len(prompts)) if i not in set(with_prefix)]
         self.fallback_texts += len(without)
         if with_prefix:
-            out[with_prefix] = self._score_cached([prompts[i] for i in with_prefix], self._prefix)
+            out[with_prefix] = self._score_cached([prompts[i] for i in with_prefix], self._prefix, answers)
         if without:
-            out[without] = self._score_cached([prompts[i] for i in without], None)
+            out[without] = self._score_cached([prompts[i] for i in without], None, answers)
         return out
 
     # -- prefix_cache strategy: context pass + label pass
 
-    def _score_cached(self, prompts: list[list[int]], prefix: PrefixCache | None) -> torch.Tensor:
+    def _score_cached(self, prompts: list[list[int]], prefix: PrefixCache | None,
+                      answers: AnswerScoring = "full") -> torch.Tensor:
         cands, head, device = self.candidates, self._head, self.device
         plen = prefix.length if prefix is not None else 0
         n_shared = len(cands.shared_ids)
@@ -353,6 +394,8 @@ class LabelScorer:
         ).last_hidden_state
         lengths = torch.tensor([len(s) for s in suffixes], device=device)
         rows = torch.arange(batch, device=device)
+        if answers == "trie":  # the shared answer tokens are forced under constrained decoding
+            return self._trie_pass(cache, ctx_mask, plen + lengths, head.logits(hidden[rows, lengths - 1]))
         # log P(shared answer tokens): the same for every label of a text, kept for exact sequence scores.
         shared_logp = torch.zeros(batch, device=device)
         if n_shared:
@@ -361,8 +404,8 @@ class LabelScorer:
             h = hidden[rows[:, None], pos].reshape(batch * n_shared, -1)
             targets = torch.tensor(cands.shared_ids, device=device).repeat(batch)
             shared_logp = head.log_probs_at(h, targets, self.logit_chunk).view(batch, n_shared).sum(-1)
-        # First distinguishing token of every label, from the last context position.
         last_logits = head.logits(hidden[rows, lengths - 1])
+        # First distinguishing token of every label, from the last context position.
         first = torch.tensor([rest[0] for rest in cands.remaining], device=device)
         scores = torch.log_softmax(last_logits, dim=-1)[:, first] + shared_logp[:, None]
 
@@ -448,14 +491,72 @@ class LabelScorer:
             out[text_rows, torch.tensor([j for _, j in chunk], device=device)] = sums
         return out
 
+    def _trie_pass(self, cache, ctx_mask: torch.Tensor, real_len: torch.Tensor, root_logits: torch.Tensor) -> torch.Tensor:
+        """log P(label) under decoding constrained to the label set (``LabelTrie.label_log_probs``): the
+        trie's inner nodes run as one packed sequence per text on top of the context, each seeing the
+        context and its own ancestors; logits are computed at the branching nodes only."""
+        trie, head, device = self.candidates.trie, self._head, self.device
+        batch, context_len = ctx_mask.shape
+        node_hidden = None
+        if trie.nodes:
+            n = len(trie.nodes)
+            inputs = torch.tensor([path[-1] for path in trie.nodes], device=device)
+            depth = torch.tensor([len(path) - 1 for path in trie.nodes], device=device)
+            sees = torch.tensor([[trie.is_ancestor_or_self(b, a) for b in range(n)] for a in range(n)], device=device)
+            if self.label_pass == "packed":
+                allowed = torch.cat(
+                    [ctx_mask.bool()[:, None, :].expand(batch, n, context_len), sees.expand(batch, n, n)], dim=-1
+                )[:, None]
+                if self._attn_implementation == "sdpa":
+                    mask = allowed
+                else:
+                    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(
+                        ~allowed, torch.finfo(torch.float32).min
+                    )
+                node_hidden = head.decoder(
+                    input_ids=inputs.expand(batch, -1),
+                    attention_mask=mask,
+                    position_ids=real_len[:, None] + depth[None, :],
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state
+            else:  # one row per (text, node): the node's path on a copy of the text's context
+                rows_hidden = []
+                paths = [list(path) for path in trie.nodes]
+                ids, mask = pad_rows(paths, self.pad_id, device=device)
+                for b in range(batch):
+                    text_rows = torch.full((n,), b, device=device)
+                    out = head.decoder(
+                        input_ids=ids,
+                        attention_mask=torch.cat([ctx_mask[text_rows], mask], dim=1),
+                        position_ids=real_len[b] + torch.arange(ids.shape[1], device=device)[None, :].expand(n, -1),
+                        past_key_values=_cache_with_rows(cache, text_rows),
+                        use_cache=True,
+                    ).last_hidden_state
+                    rows_hidden.append(out[torch.arange(n, device=device), depth])
+                node_hidden = torch.stack(rows_hidden)
+
+        def node_log_probs(node: int) -> torch.Tensor:
+            logits = root_logits if node < 0 else head.logits(node_hidden[:, node])
+            return torch.log_softmax(logits.float(), dim=-1)
+
+        return trie.label_log_probs(node_log_probs).cpu()
+
     # -- full strategy: every (text, label) sequence from scratch
 
-    def _score_full(self, prompts: list[list[int]]) -> torch.Tensor:
+    def _score_full(self, prompts: list[list[int]], scoring: AnswerScoring = "full") -> torch.Tensor:
         cands, head, device = self.candidates, self._head, self.device
         n_labels = len(cands.label_ids)
-        answers = [cands.full_ids(j) for j in range(n_labels)]
-        pairs = [(b, j) for b in range(len(prompts)) for j in range(n_labels)]
+        if scoring == "trie":
+            # One uncached sequence per (text, branching node): prompt + shared tokens + the node's path.
+            trie = cands.trie
+            nodes = trie.branching_nodes()
+            answers = [list(cands.shared_ids) + (list(trie.nodes[n]) if n >= 0 else []) for n in nodes]
+        else:
+            answers = [cands.full_ids(j) for j in range(n_labels)]
+        pairs = [(b, j) for b in range(len(prompts)) for j in range(len(answers))]
         scores = torch.zeros((len(prompts), n_labels), dtype=torch.float32)
+        node_logp: dict[int, torch.Tensor] = {}
         longest = max(len(p) for p in prompts) + max(len(a) for a in answers)
         per_chunk = max(1, self.max_cached_tokens // longest)
         for start in range(0, len(pairs), per_chunk):
@@ -465,11 +566,40 @@ class LabelScorer:
             hidden = head.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             for k, (b, j) in enumerate(chunk):
                 p, a = len(prompts[b]), answers[j]
+                if scoring == "trie":
+                    logits = head.logits(hidden[k, p + len(a) - 1][None]).float()
+                    node_logp.setdefault(nodes[j], torch.empty((len(prompts), logits.shape[-1])))[b] = (
+                        torch.log_softmax(logits[0], dim=-1).cpu())
+                    continue
                 h = hidden[k, p - 1 : p - 1 + len(a)]
                 scores[b, j] = head.log_probs_at(h, torch.tensor(a, device=device), self.logit_chunk).sum().cpu()
+        if scoring == "trie":
+            if not node_logp:  # a single label: certain
+                return scores
+            return trie.label_log_probs(lambda node: node_logp[node])
         return scores
 
 
+def _length_chunks(order: list[int], lengths: list[int], batch_size: int, max_padding: float) -> list[list[int]]:
+    """Split length-sorted ``order`` into batches of at most ``batch_size`` whose padded size stays within
+    ``1 + max_padding`` times their real tokens. On a CPU every token costs compute, so a padded batch of
+    mixed lengths (what a micro-batcher gathers from concurrent requests) can cost more than running
+    its texts apart; bounding the padding keeps sharing a forward from ever being much slower."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    for i in order:
+        candidate = chunk + [i]
+        padded = len(candidate) * max(lengths[j] for j in candidate)
+        if chunk and (len(candidate) > batch_size or padded > (1 + max_padding) * sum(lengths[j] for j in candidate)):
+            chunks.append(chunk)
+            candidate = [i]
+        chunk = candidate
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def label_distribution(log_probs: torch.Tensor) -> torch.Tensor:
-    """Softmax over labels of the summed answer log-probs: P(label | prompt, answer is a label)."""
+    """Softmax over labels of their log scores: for full answers P(label | prompt, the answer is a
+    label); for trie scores (already normalised) the constrained-decoding distribution itself."""
     return torch.softmax(log_probs.float(), dim=-1)
