@@ -162,19 +162,25 @@ def _load_checkpoint_adapter(model, checkpoint: Path) -> None:
 
 
 class _ListDataset(torch.utils.data.Dataset):
-    """The encoded samples; counts the rows of each label the run fetched (what class_balance changes)."""
+    """The encoded samples; remembers the label of each row fetched, in order (what class_balance changes)."""
 
     def __init__(self, items: list[dict], label_ids: list[int]):
         self.items, self.label_ids = items, label_ids
-        self.drawn: dict[int, int] = {}
+        self.fetched: list[int] = []
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        label = self.label_ids[index]
-        self.drawn[label] = self.drawn.get(label, 0) + 1
+        self.fetched.append(self.label_ids[index])
         return self.items[index]
+
+    def drawn_per_class(self, consumed: int) -> dict[str, int]:
+        """Rows of each label among the first ``consumed`` fetched (the data loader fetches one batch ahead)."""
+        counts: dict[int, int] = {}
+        for label in self.fetched[:consumed]:
+            counts[label] = counts.get(label, 0) + 1
+        return {str(k): v for k, v in sorted(counts.items())}
 
 
 @dataclass
@@ -492,7 +498,7 @@ def train_adapter(
         "dtype": str(loaded.dtype),
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
         "class_balance": config.class_balance,
-        "samples_per_class": {str(k): v for k, v in sorted(dataset.drawn.items())},  # fetched by this call
+        "samples_per_class": dataset.drawn_per_class(throughput.samples),  # trained on by this call
         "early_stopped_at": early_stopped(log_history),
     }
     if cancel.cancelled:
