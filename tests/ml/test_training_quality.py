@@ -17,8 +17,11 @@ from app.domain.records import Record
 from app.ml.train.balance import class_shares
 from app.ml.train.config import resolve_training_config
 from app.ml.train.trainer import train_adapter
-from app.ml.train.validation import score_accuracy_macro_f1, validation_sample
+from app.ml.eval.run import score_accuracy_macro_f1
+from app.ml.train.validation import validation_sample
 from tests.ml.test_training import Recorder
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 TWO = LabelSet.from_pairs([(0, CMCC34_LABELS[0]), (1, CMCC34_LABELS[1])])
 PROMPT = build_system_prompt(TWO)

@@ -5,7 +5,7 @@ adapter of the best macro-F1, stop early when it no longer improves.
 adds it when ``eval_every_steps`` > 0 and a validation set is given, and asks ``best_validation`` at the
 end which weights to save.
 
-- Fast: label scoring (``app.ml.infer.scoring.LabelScorer``, the serving path) on at most
+- Fast: label scoring (``app.ml.eval.run.score_accuracy_macro_f1``: the serving path) on at most
   ``eval_max_samples`` dialogues, drawn once with the run's seed, on the very model being trained (put in
   eval mode for the pass: no dropout, no activation checkpointing, no gradients).
 - Recorded: every evaluation is a ``{"step", "val_accuracy", "val_macro_f1", "val_samples"}`` entry of the
@@ -30,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from app.domain.labels import LabelSet
 from app.domain.records import Record
+from app.ml.eval.run import score_accuracy_macro_f1
 
 BEST_DIRNAME = "best"
 _STEP_PREFIX = "step-"
@@ -119,34 +119,6 @@ def _save_snapshot(model, snapshot: Path, record: dict) -> None:
     (staging / "validation.json").write_text(json.dumps(record), encoding="utf-8")
     shutil.rmtree(snapshot, ignore_errors=True)
     staging.rename(snapshot)
-
-
-def score_accuracy_macro_f1(model, tokenizer, system_prompt: str, label_set: LabelSet, records: list[Record], *,
-                            max_input_length: int | None, batch_size: int = 8) -> tuple[float, float]:
-    """Accuracy and macro-F1 of ``model`` (as it is now) on ``records``, by label scoring.
-
-    Macro-F1 as the reports compute it (``app.ml.eval.metrics.build_report``): over the classes present
-    in the truth or the predictions.
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-
-    from app.ml.infer.scoring import LabelScorer
-
-    was_training = model.training
-    model.eval()
-    try:
-        scorer = LabelScorer(model, tokenizer, system_prompt, label_set, max_input_length=max_input_length)
-        with torch.no_grad():
-            scores = scorer.score([r.dialogue for r in records], batch_size=batch_size)
-    finally:
-        if was_training:
-            model.train()
-    ids = scorer.candidates.label_ids
-    y_pred = [ids[int(i)] for i in scores.argmax(dim=-1).tolist()]
-    y_true = [r.label_id for r in records]
-    present = sorted(set(y_true) | set(y_pred))
-    return (float(accuracy_score(y_true, y_pred)),
-            float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)))
 
 
 class ValidationCallback(TrainerCallback):
