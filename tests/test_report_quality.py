@@ -122,3 +122,19 @@ def test_sampler_draws_in_the_computed_shares_and_repeats_an_epoch_exactly():
     first, again = list(sampler), list(sampler)
     sampler.set_epoch(4)
     assert first == again and list(sampler) != first
+
+
+def test_loss_figure_draws_validation_on_a_second_axis_and_circles_the_kept_step():
+    from app.ml.eval.plots import build_loss_figure
+
+    history = [{"step": s, "loss": 5.0 / s} for s in range(1, 13)]
+    validation = [{"step": 3, "accuracy": 0.5, "macro_f1": 0.4}, {"step": 6, "accuracy": 0.7, "macro_f1": 0.6},
+                  {"step": 9, "accuracy": 0.8, "macro_f1": 0.6}, {"step": 12, "accuracy": 0.6, "macro_f1": 0.5}]
+    fig = build_loss_figure(history, validation)
+    loss_axis, right = fig.axes
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["training loss"]
+    assert [line.get_label() for line in right.get_lines()] == ["val accuracy", "val macro-F1"]
+    assert list(right.get_lines()[1].get_ydata()) == [0.4, 0.6, 0.6, 0.5]
+    legend = [text.get_text() for text in loss_axis.get_legend().get_texts()]
+    assert "best (step 6)" in legend  # the first of the equal best macro-F1s, as the trainer keeps it
+    assert len(build_loss_figure(history).axes) == 1  # without validation: the loss alone
