@@ -153,3 +153,16 @@ def test_cancel_and_resume_keep_the_evaluations_and_pick_the_same_best(tiny_mode
         assert v["macro_f1"] == pytest.approx(expected[v["step"]], abs=1e-6), v["step"]
     snapshots = sorted(p.name for p in (job_dir / "checkpoints" / "best").iterdir())
     assert snapshots == [f"step-{resumed.metrics['best_step']}"]  # the others were pruned at checkpoints
+
+    # A worker killed after the early stop's checkpoint, before the adapter was written: nothing trains
+    # again, and the adapter written is still the best one.
+    import shutil
+
+    best_weights = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    shutil.rmtree(resumed.adapter_dir)
+    finishing = Recorder()
+    finished = _train(tiny_model_dir, records, job_dir, finishing, validation=records, early_stopping_patience=2)
+    assert finishing.logs == [] and _validations(finishing) == [] and finished.steps == resumed.steps
+    assert finished.metrics["best_step"] == resumed.metrics["best_step"]
+    rewritten = load_file(str(finished.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(rewritten[name], best_weights[name]) for name in best_weights)
