@@ -46,10 +46,10 @@ function niceTicks(lo, hi, count = 5) {
 }
 
 // A line over points [{x, y}] (x ascending). Returns {el, update(points, extra)} for live curves.
-// extra: more series on a second axis from 0 to 1 at the right (validation accuracy / macro-F1):
-// [{name, cls, points: [{x, y}], mark?: {x, y, title}}], drawn with a legend.
-export function lineChart({ id, xLabel = "step", yLabel = "loss", width = 640, height = 230, empty = "No points yet.",
-                            rightLabel = "validation" } = {}) {
+// extra: more series on a second axis from 0 to 1 at the right (validation accuracy / macro-F1), named
+// in a legend:
+// [{name, cls, points: [{x, y}], mark?: {x, y, title}}].
+export function lineChart({ id, xLabel = "step", yLabel = "loss", width = 640, height = 230, empty = "No points yet." } = {}) {
   const el = h("div", { class: "chart", id });
   const margin = { left: 52, right: 14, top: 12, bottom: 34 };
 
@@ -101,7 +101,6 @@ export function lineChart({ id, xLabel = "step", yLabel = "loss", width = 640, h
       for (const t of [0, 0.5, 1]) {
         svg.append(s("text", { class: "tick", x: margin.left + plotW + 6, y: R(t) + 4 }, t.toFixed(1)));
       }
-      svg.append(s("text", { class: "tick", x: width - 4, y: margin.top + 2, "text-anchor": "end" }, rightLabel));
       extra.forEach((series, k) => {
         const path = series.points.map((p, i) => `${i ? "L" : "M"}${X(p.x).toFixed(1)},${R(p.y).toFixed(1)}`).join("");
         svg.append(s("path", { class: `series ${series.cls}`, d: path, "data-series": series.name }));
