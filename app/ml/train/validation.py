@@ -144,6 +144,8 @@ class ValidationCallback(TrainerCallback):
         entries = [e for e in validation_entries(state.log_history) if e["step"] <= state.global_step]
         self.best = _best_entry(entries)
         self.since_best = sum(1 for e in entries if self.best is not None and e["step"] > self.best["step"])
+        if not state.is_world_process_zero:
+            return
         for step, path in _snapshots(self.checkpoints_dir).items():
             if step > state.global_step:  # written after the checkpoint: that step runs again
                 shutil.rmtree(path, ignore_errors=True)
@@ -158,28 +160,36 @@ class ValidationCallback(TrainerCallback):
         record = {"step": step, "val_accuracy": accuracy, "val_macro_f1": macro_f1, "val_samples": len(self.records)}
         state.log_history.append(record)
         improved = self.best is None or macro_f1 > self.best["val_macro_f1"]
+        # Under several processes every rank scores the same sample with the same weights (so all take the
+        # same early-stopping decision); the first one alone writes files and events.
+        writer = state.is_world_process_zero
         if improved:
-            _save_snapshot(self.model, _snapshot_dir(self.checkpoints_dir, step), record)
+            if writer:
+                _save_snapshot(self.model, _snapshot_dir(self.checkpoints_dir, step), record)
             self.best, self.since_best = record, 0
         else:
             self.since_best += 1
-        self.on_event("validation", f"step {step}: validation accuracy {accuracy:.4f}, macro-F1 {macro_f1:.4f} on "
-                      f"{len(self.records)} dialogues" + (" (best so far)" if improved else ""),
-                      {"step": step, "accuracy": accuracy, "macro_f1": macro_f1, "n_samples": len(self.records),
-                       "best_step": self.best["step"], "best_macro_f1": self.best["val_macro_f1"],
-                       "improved": improved})
+        if writer:
+            self.on_event("validation", f"step {step}: validation accuracy {accuracy:.4f}, macro-F1 {macro_f1:.4f} "
+                          f"on {len(self.records)} dialogues" + (" (best so far)" if improved else ""),
+                          {"step": step, "accuracy": accuracy, "macro_f1": macro_f1, "n_samples": len(self.records),
+                           "best_step": self.best["step"], "best_macro_f1": self.best["val_macro_f1"],
+                           "improved": improved})
         if self.patience and self.since_best >= self.patience and step < state.max_steps:
             self.stopped_early = True
             state.log_history.append({"step": step, "early_stopped": True})
             control.should_training_stop = True
             control.should_save = True  # the stop is a checkpoint: a restarted worker finds the run over
-            self.on_event("early_stopped", f"early stopping at step {step}: no better macro-F1 in "
-                          f"{self.since_best} evaluations (best {self.best['val_macro_f1']:.4f} at step "
-                          f"{self.best['step']})", {"step": step, "best_step": self.best["step"],
-                                                    "best_macro_f1": self.best["val_macro_f1"]})
+            if writer:
+                self.on_event("early_stopped", f"early stopping at step {step}: no better macro-F1 in "
+                              f"{self.since_best} evaluations (best {self.best['val_macro_f1']:.4f} at step "
+                              f"{self.best['step']})", {"step": step, "best_step": self.best["step"],
+                                                        "best_macro_f1": self.best["val_macro_f1"]})
 
     def on_save(self, args, state, control, **kwargs):
         # The checkpoint at this step is complete: only the best snapshot so far can still be needed.
+        if not state.is_world_process_zero:
+            return
         keep = self.best["step"] if self.best is not None else None
         for step, path in _snapshots(self.checkpoints_dir).items():
             if step != keep:
