@@ -1,6 +1,6 @@
 """Section 5: quality on held-out real CMCC-34 rows: class balance on/off and the learning curve.
 
-Same split as section 4 (``bench.data.stratified_split``). Each configuration trains one LoRA adapter
+Same split as section 4 (``bench.data.stratified_split``), scored on its held-out rows from the real file. Each configuration trains one LoRA adapter
 with ``app.ml.train.trainer.train_adapter`` and validation during training on the held-out rows
 (``eval_every_steps``, ``eval_max_samples`` = all of them): the ``validation`` events give the adapter's
 accuracy / macro-F1 after every ``eval_every_steps`` optimizer steps (label scoring, the serving path),
@@ -113,13 +113,20 @@ def train_one(split: Split, label_set: LabelSet, system_prompt: str, base_model_
 def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt: str, base_model_name: str,
                         base_model_dir: Path, recipe: str, base_overrides: dict, config_names: list[str],
                         plot_path: Path, work_dir: Path, *, device: str | None = None,
-                        skip_reason: str | None = None, progress=print) -> SectionResult:
+                        skip_reason: str | None = None, real_dialogues: set[str] | None = None,
+                        progress=print) -> SectionResult:
     started = time.perf_counter()
     result = SectionResult("quality", "5. Quality on held-out real CMCC-34 rows: class balance and the learning curve")
     if split is None:
         result.skipped.append(f"not measured: {skip_reason or 'no data'}")
         result.seconds = time.perf_counter() - started
         return result
+    if real_dialogues is not None:
+        # Only the held-out rows from the real file (the synthetic held-out rows are left out).
+        real = [r for r in split.held_out if r.dialogue in real_dialogues]
+        if real:
+            split = Split(split.train, real, f"{split.description}; of the held-out rows only the {len(real)} "
+                                             "real ones are scored here")
     result.intro = [__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(), f"Split: {split.description}."]
     result.intro.append(f"Recipe: `configs/{recipe}.yaml`, overridden with {base_overrides}, then per configuration.")
 
@@ -134,8 +141,15 @@ def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt:
         runs.append(run)
         # Written as soon as measured: a run cut short still leaves its figures.
         (raw_dir / f"{name}.json").write_text(json.dumps(_run_data(run), indent=1, default=str), encoding="utf-8")
+    return render_quality(result, split, label_set, runs, plot_path, started)
+
+
+def render_quality(result: SectionResult, split: Split, label_set: LabelSet, runs: list[ConfigRun], plot_path: Path,
+                   started: float) -> SectionResult:
+    """The tables, plot and raw figures of measured ``runs`` (also from their saved JSON: ``load_run``)."""
+    for run in runs:
         if run.error:
-            result.skipped.append(f"not measured: {config.name}: {run.error}")
+            result.skipped.append(f"not measured: {run.config.name}: {run.error}")
 
     # The baseline at the same numbers of training rows as the adapter's evaluation points, plus a few more.
     n_train = len(split.train)
@@ -210,6 +224,15 @@ def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt:
                    "baseline": {str(n): b for n, b in baseline.items()}}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def load_run(path: Path) -> ConfigRun:
+    """A configuration's figures as ``run_quality_section`` saved them (``<work-dir>/quality/<name>.json``)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    run = ConfigRun(QualityConfig(data["name"], data["overrides"]), data["hyper"])
+    for key in ("steps", "batch", "train_seconds", "final_loss", "curve", "error"):
+        setattr(run, key, data[key])
+    return run
 
 
 def _run_data(run: ConfigRun) -> dict:

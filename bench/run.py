@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dialogue-tokens", type=int, default=None,
                         help="'accuracy'/'quality': max_input_length = shared prefix + this many dialogue tokens")
     parser.add_argument("--quality-configs", default=None, help="'quality' configurations (bench.quality.CONFIGS)")
+    parser.add_argument("--quality-overrides", type=json.loads, default=None,
+                        help="'quality': JSON object of training options over the recipe for every configuration")
     parser.add_argument("--quality-steps", type=int, default=None, help="optimizer steps per 'quality' configuration")
     parser.add_argument("--quality-eval-every", type=int, default=None, help="'quality': evaluate every N steps")
     parser.add_argument("--zero-shot", action="store_true", help="also evaluate the base model zero-shot in 'accuracy'")
@@ -174,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = section
 
     split = None
+    real_dialogues = None
     skip_reason = None
     real_files = {name: cmcc_dir / f for name, f in CMCC_FILES.items()} if cmcc_dir else {}
     if cmcc_dir is not None and all(p.is_file() for p in real_files.values()):
         real = read_rows(real_files["real 5-shot"], "real", real=True).records
         synthetic = read_rows(real_files["synthetic (GLM-4)"], "synthetic", real=True).records
         split = stratified_split(real, synthetic)
+        real_dialogues = {r.dialogue for r in real}
         if args.quick:
             split.train, split.held_out = split.train[:16], split.held_out[:4]
             split.description += " (--quick: only the first 16 train / 4 held-out rows used)"
@@ -221,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         prefix_tokens = len(shared_prefix_ids(load_tokenizer(model_dir), system_prompt))
         overrides = {"save_steps": 10**6, "logging_steps": 1, "max_steps": sizes.quality_steps,
                      "eval_every_steps": sizes.quality_eval_every,
-                     "max_input_length": prefix_tokens + (sizes.accuracy_dialogue_tokens or 128)}
+                     "max_input_length": prefix_tokens + (sizes.accuracy_dialogue_tokens or 128),
+                     **(args.quality_overrides or {})}
         results["quality"] = run_quality_section(
             split, label_set, system_prompt, model_name, model_dir, recipe, overrides,
             [c for c in sizes.quality_configs.split(",") if c], img_dir / f"{prefix}quality.png", work_dir,
-            device=args.device, skip_reason=skip_reason, progress=log)
+            device=args.device, skip_reason=skip_reason, real_dialogues=real_dialogues, progress=log)
 
     if "classify" in args.sections:
         from bench.classify import AdapterUnderTest, run_classify_section
