@@ -134,8 +134,14 @@ def main() -> int:
                 print(f"== validation report {report['id']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
                       f"weighted-F1 {m['weighted_f1']:.4f}, {m['seconds_per_sample']:.2f} s/dialogue, "
                       f"success rate {m['success_rate']:.3f}")
-                print(f"   files: {data_dir / 'reports' / report['id']}/ (confusion_matrix.png, "
-                      "error_predictions.json, failed_predictions.json, detailed_analysis.json)")
+                if m.get("baseline"):
+                    b, lift = m["baseline"], m["lift"]
+                    print(f"   TF-IDF baseline on the same rows: accuracy {b['accuracy']:.4f}, macro-F1 "
+                          f"{b['macro_f1']:.4f}; lift of the fine-tuned model: accuracy {lift['accuracy']:+.4f}, "
+                          f"macro-F1 {lift['macro_f1']:+.4f}, weighted-F1 {lift['weighted_f1']:+.4f}")
+                if m.get("ece") is not None:
+                    print(f"   expected calibration error {m['ece']:.4f}")
+                print(f"   files: {data_dir / 'reports' / report['id']}/ ({', '.join(m.get('files') or [])})")
             final_loss = client.get(f"/models/{model_id}").json()["metrics"].get("final_loss")
             print(f"== adapter: {data_dir / 'jobs' / job['id'] / 'adapter'} (loss_curve.png inside); final loss "
                   + (f"{final_loss:.4f}" if final_loss is not None else "not logged"))

@@ -388,6 +388,13 @@ class ReportOut(BaseModel):
     def confusion_matrix_url(self) -> str:
         return f"/reports/{self.id}/confusion_matrix.png"
 
+    @computed_field(description="score-mode reports: the reliability diagram of the confidences (else null)")
+    @property
+    def reliability_diagram_url(self) -> str | None:
+        if (self.summary or {}).get("ece") is None:
+            return None
+        return f"/reports/{self.id}/reliability_diagram.png"
+
 
 class WrongPredictionOut(BaseModel):
     index: int = Field(description="Position of the dialogue in the evaluated dataset")
@@ -408,7 +415,10 @@ class FailedPredictionOut(BaseModel):
 
 
 class ReportDetailOut(ReportOut):
-    metrics: dict[str, Any] = Field(description="accuracy, macro/weighted F1, per class, confused pairs, timing")
+    metrics: dict[str, Any] = Field(description="accuracy, macro/weighted F1, per class, confused pairs, timing; "
+                                    "baseline (TF-IDF + logistic regression trained on the model's training "
+                                    "dataset, same rows) and lift (model minus baseline); calibration and ece "
+                                    "(score mode); files")
 
 
 __all__ = [name for name in dir() if name[0].isupper()] + ["TrainingConfig"]
@@ -456,6 +466,17 @@ class LossPoint(BaseModel):
     loss: float
 
 
+class ValidationPoint(BaseModel):
+    step: int
+    accuracy: float
+    macro_f1: float
+    n_samples: int = Field(0, description="validation dialogues scored")
+
+
 class LossHistoryOut(BaseModel):
     model_id: str
     points: list[LossPoint] = Field(description="training loss at each logged step (empty for an older adapter)")
+    validation: list[ValidationPoint] = Field(
+        default_factory=list, description="validation accuracy / macro-F1 of the evaluations during training "
+        "(eval_every_steps; empty without them)")
+    best_step: int | None = Field(None, description="the step whose adapter was kept (best validation macro-F1)")

@@ -7,7 +7,8 @@ Sections (``--sections``, all by default):
    mid-size GLM-4), each speed-up beside its token bound;
 3. ``classify``: serving: generation, full-answer and trie scoring, micro-batcher vs lock, vLLM
    (guided choice and through the API) at 1, 4 and 16 clients (``bench/serving.py``);
-4. ``accuracy``: held-out accuracy/macro-F1, fine-tuned adapter vs a TF-IDF baseline.
+4. ``accuracy``: held-out accuracy/macro-F1, fine-tuned adapter vs a TF-IDF baseline;
+5. ``quality``: class balance on/off and the learning curve, adapter vs baseline (``bench.quality``).
 
 Every comparison runs both sides in this one process tree on the same model. A benchmark prints
 figures and never fails on a threshold; what it cannot measure it reports as "not measured: <why>".
@@ -33,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.data import REPO_ROOT, default_cmcc_dir  # noqa: E402
 
-SECTIONS = ("tokens", "train", "classify", "accuracy")
+SECTIONS = ("tokens", "train", "classify", "accuracy", "quality")
 TINY = "tiny-glm4"
 
 
@@ -53,6 +54,9 @@ class Sizes:
     accuracy_steps: int | None  # None: the recipe's own max_steps
     accuracy_dialogue_tokens: int | None  # max_input_length = shared prefix + this (None: the recipe's)
     zero_shot: bool
+    quality_steps: int = 16  # optimizer steps per configuration in 'quality'
+    quality_eval_every: int = 4
+    quality_configs: str = "none,balanced"  # bench.quality.CONFIGS names
 
 
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
@@ -62,7 +66,7 @@ FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid
              zero_shot=False)
 QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, mid_batch_sizes=(),
               train_batch_sizes=(4, 8), classify_requests=2, serving_train_steps=1, accuracy_steps=2, accuracy_dialogue_tokens=128,
-              zero_shot=False)
+              zero_shot=False, quality_steps=2, quality_eval_every=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classify-requests", type=int, default=None, help="dialogues per serving row")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows of the serving section")
     parser.add_argument("--no-mid-model", action="store_true", help="skip the mid-size random GLM-4 in 'train'")
+    parser.add_argument("--dialogue-tokens", type=int, default=None,
+                        help="'accuracy'/'quality': max_input_length = shared prefix + this many dialogue tokens")
+    parser.add_argument("--quality-configs", default=None, help="'quality' configurations (bench.quality.CONFIGS)")
+    parser.add_argument("--quality-overrides", type=json.loads, default=None,
+                        help="'quality': JSON object of training options over the recipe for every configuration")
+    parser.add_argument("--quality-steps", type=int, default=None, help="optimizer steps per 'quality' configuration")
+    parser.add_argument("--quality-eval-every", type=int, default=None, help="'quality': evaluate every N steps")
     parser.add_argument("--zero-shot", action="store_true", help="also evaluate the base model zero-shot in 'accuracy'")
     parser.add_argument("--update", action="store_true",
                         help="replace only these sections in the existing --out report (the others are kept)")
@@ -103,6 +114,11 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
         overrides["accuracy_steps"] = args.accuracy_steps
     if args.classify_requests is not None:
         overrides["classify_requests"] = args.classify_requests
+    if args.dialogue_tokens is not None:
+        overrides["accuracy_dialogue_tokens"] = args.dialogue_tokens
+    for name in ("quality_configs", "quality_steps", "quality_eval_every"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.no_mid_model:
         overrides["mid_model"] = False
     if args.zero_shot:
@@ -173,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = section
 
     split = None
+    real_dialogues = None
     skip_reason = None
     real_files = {name: cmcc_dir / f for name, f in CMCC_FILES.items()} if cmcc_dir else {}
     if cmcc_dir is not None and all(p.is_file() for p in real_files.values()):
         real = read_rows(real_files["real 5-shot"], "real", real=True).records
         synthetic = read_rows(real_files["synthetic (GLM-4)"], "synthetic", real=True).records
         split = stratified_split(real, synthetic)
+        real_dialogues = {r.dialogue for r in real}
         if args.quick:
             split.train, split.held_out = split.train[:16], split.held_out[:4]
             split.description += " (--quick: only the first 16 train / 4 held-out rows used)"
@@ -210,6 +228,22 @@ def main(argv: list[str] | None = None) -> int:
             work_dir, device=args.device, zero_shot=sizes.zero_shot, skip_reason=skip_reason, progress=log)
         section.intro.append(f"Recipe: `configs/{recipe}.yaml`, overridden with {overrides}.")
         results["accuracy"] = section
+
+    if "quality" in args.sections:
+        from app.ml.models.loading import load_tokenizer
+        from app.ml.text.encoding import shared_prefix_ids
+        from bench.quality import run_quality_section
+
+        recipe = "tiny_test" if model_name == TINY else "cpu_small"
+        prefix_tokens = len(shared_prefix_ids(load_tokenizer(model_dir), system_prompt))
+        overrides = {"save_steps": 10**6, "logging_steps": 1, "max_steps": sizes.quality_steps,
+                     "eval_every_steps": sizes.quality_eval_every,
+                     "max_input_length": prefix_tokens + (sizes.accuracy_dialogue_tokens or 128),
+                     **(args.quality_overrides or {})}
+        results["quality"] = run_quality_section(
+            split, label_set, system_prompt, model_name, model_dir, recipe, overrides,
+            [c for c in sizes.quality_configs.split(",") if c], img_dir / f"{prefix}quality.png", work_dir,
+            device=args.device, skip_reason=skip_reason, real_dialogues=real_dialogues, progress=log)
 
     if "classify" in args.sections:
         from bench.serving import AdapterUnderTest, run_serving_section

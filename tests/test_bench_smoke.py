@@ -20,6 +20,7 @@ SECTION_HEADINGS = {
     "train": "## 2. Training speed",
     "classify": "## 3. Serving",
     "accuracy": "## 4. Accuracy",
+    "quality": "## 5. Quality",
 }
 NUMBER = r"\d+(?:\.\d+)?"
 
@@ -131,13 +132,32 @@ def test_accuracy_section_compares_adapter_and_baseline(quick_run):
 def test_plots_and_raw_figures_are_written(quick_run):
     out, markdown, root = quick_run
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(images) == 4
+    assert len(images) == 5
     for relative in images:
         image = out.parent / relative
         assert image.read_bytes()[:4] == b"\x89PNG"
         assert image.stat().st_size < 300_000
     raw = json.loads((root / "work" / "quick_results.json").read_text(encoding="utf-8"))
     assert set(raw) == set(SECTION_HEADINGS)
+
+
+def test_quality_section_has_class_balance_and_learning_curve(quick_run):
+    out, markdown, _ = quick_run
+    section = _section(markdown, "quality")
+    summary = {r[0]: r for r in _table_rows(section, "class_balance=")
+               if len(r) == 10}  # the summary table: one row per configuration
+    assert set(summary) == {"class_balance=none", "class_balance=balanced"}
+    for row in summary.values():
+        assert row[1] == "2" and 0.0 <= float(row[6]) <= 1.0 and row[9] in ("yes", "no")
+    curve = [r for r in _table_rows(section, "class_balance=") if len(r) == 8]
+    assert [(r[0], r[1], r[2]) for r in curve] == [
+        ("class_balance=none", "1", "4"), ("class_balance=none", "2", "8"),
+        ("class_balance=balanced", "1", "4"), ("class_balance=balanced", "2", "8")]
+    for row in curve:  # adapter and baseline measured at each point
+        assert 0.0 <= float(row[4]) <= 1.0 and 0.0 <= float(row[7]) <= 1.0
+    assert "Learning curve" in section
+    (plot,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
+    assert plot.endswith("quick_quality.png") and (out.parent / plot).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_accuracy_is_skipped_cleanly_without_data(tmp_path):

@@ -9,7 +9,8 @@ DATA_DIR/jobs/<job id>/adapter/            the trained LoRA adapter (its existen
                                            spec.json, stop, outcome.json, error-rank<r>.json, failures.json
                        .training.lock      held by the training process (rank 0) while it runs
 DATA_DIR/reports/<report id>/results.json, error_predictions.json, failed_predictions.json,
-                             detailed_analysis.json, confusion_matrix.png
+                             detailed_analysis.json, confusion_matrix.png,
+                             reliability_diagram.png (score mode: the probabilities' calibration)
 """
 
 ADAPTER_DIRNAME = "adapter"
@@ -25,3 +26,4 @@ REPORT_ERRORS_FILENAME = "error_predictions.json"
 REPORT_FAILED_FILENAME = "failed_predictions.json"
 REPORT_DETAIL_FILENAME = "detailed_analysis.json"
 CONFUSION_MATRIX_FILENAME = "confusion_matrix.png"
+RELIABILITY_DIAGRAM_FILENAME = "reliability_diagram.png"

@@ -43,6 +43,7 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         field = field_path(("hyperparameters", *first["loc"]))
         raise UnprocessableError(f"{first['msg']}", field=field) from None
     _check_limits(training_config, dataset.n_rows, settings)
+    _check_validation_options(training_config, validation_dataset_id)
     base = base_model or recipe_base_model or settings.default_base_model
     _check_base_model(base, settings, from_config=None if base_model else config_name)
     _check_target_modules(base, training_config, settings)
@@ -96,6 +97,16 @@ def _check_limits(config: TrainingConfig, n_rows: int, settings: Settings) -> No
             f"num_train_epochs {config.num_train_epochs} on {n_rows} rows is {steps} steps, over the limit of "
             f"{settings.max_train_steps} (MAX_TRAIN_STEPS); set fewer epochs or max_steps",
             field="hyperparameters.num_train_epochs")
+
+
+def _check_validation_options(config: TrainingConfig, validation_dataset_id: str | None) -> None:
+    """Evaluation during training needs a validation set; early stopping counts those evaluations."""
+    if config.eval_every_steps and not validation_dataset_id:
+        raise UnprocessableError("eval_every_steps needs a validation_dataset_id to evaluate on",
+                                 field="hyperparameters.eval_every_steps")
+    if config.early_stopping_patience and not config.eval_every_steps:
+        raise UnprocessableError("early_stopping_patience needs eval_every_steps > 0 (it counts evaluations "
+                                 "without a better macro-F1)", field="hyperparameters.early_stopping_patience")
 
 
 def create_evaluation_job(session: Session, settings: Settings, *, model: str, dataset_id: str, mode: str,

@@ -33,14 +33,21 @@ def loss_curve_file(settings: Settings, model: FineTunedModel) -> Path:
     return path
 
 
-def loss_history(settings: Settings, model: FineTunedModel) -> list[dict]:
-    """The training loss at each logged step, as the trainer stored it beside the adapter."""
+def _adapter_metadata(settings: Settings, model: FineTunedModel) -> dict:
     from app.domain.artifacts import ADAPTER_METADATA_FILENAME
 
     meta = settings.resolve_stored_path(model.adapter_path) / ADAPTER_METADATA_FILENAME
-    if not meta.is_file():
-        return []
-    return json.loads(meta.read_text(encoding="utf-8")).get("loss_history") or []
+    return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+
+
+def loss_history(settings: Settings, model: FineTunedModel) -> list[dict]:
+    """The training loss at each logged step, as the trainer stored it beside the adapter."""
+    return _adapter_metadata(settings, model).get("loss_history") or []
+
+
+def validation_history(settings: Settings, model: FineTunedModel) -> list[dict]:
+    """The evaluations during training ({"step", "accuracy", "macro_f1", "n_samples"}); [] without them."""
+    return _adapter_metadata(settings, model).get("validation_history") or []
 
 
 def list_base_models(settings: Settings) -> list[dict]:

@@ -22,6 +22,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.domain.artifacts import CHECKPOINTS_DIRNAME
 from app.ml.train.config import TrainingConfig
+from app.models import FineTunedModel
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import queue
@@ -171,9 +172,12 @@ def run_job(settings: Settings, job_id: str, *, should_stop: Callable[[], bool],
                 ref = resolve_model_ref(session, settings, job.target_model_id, labels=dataset.label_set)
             except ServiceError as exc:
                 raise JobFailure("model_unavailable", exc.message) from None
+            adapter = session.get(FineTunedModel, job.target_model_id)  # None: a base model, zero-shot
+            train_dataset_id = adapter.dataset_id if adapter is not None else None
         report = run_evaluation(settings, job_id=job.id, ref=ref, model_id=job.target_model_id,
                                 dataset_id=job.dataset_id, mode=job.params.get("mode", "score"),
-                                should_stop=should_stop, classifiers=classifiers)
+                                should_stop=should_stop, classifiers=classifiers,
+                                train_dataset_id=train_dataset_id)
         return JobOutcome(report=report)
     raise JobFailure("unknown_job_kind", f"unknown job kind '{job.kind}'")
 
@@ -217,7 +221,9 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool], class
         _event(settings, job.id, "training_process", f"training in {plan.describe()}",
                {"processes": plan.processes, "gpus": list(plan.gpus), "backend": plan.backend})
         spec = dict(base_model=job.base_model, base_model_dir=str(base_dir), dataset_id=job.dataset_id,
-                    label_set=label_set.to_pairs(), system_prompt=system_prompt, hyperparameters=job.hyperparameters)
+                    label_set=label_set.to_pairs(), system_prompt=system_prompt, hyperparameters=job.hyperparameters,
+                    # evaluations during training score a sample of the validation set
+                    validation_dataset_id=job.validation_dataset_id if config.eval_every_steps else None)
         try:
             result = run_training_process(settings, job_id=job.id, worker_id=worker_id, plan=plan, spec=spec,
                                           should_stop=should_stop)
@@ -247,14 +253,20 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool], class
             raise JobFailure("model_unavailable", str(exc)) from None
         report = run_evaluation(settings, job_id=job.id, ref=ref, model_id=planned.id,
                                 dataset_id=job.validation_dataset_id, mode="score", should_stop=should_stop,
-                                classifiers=classifiers)
+                                classifiers=classifiers, train_dataset_id=job.dataset_id)
     return JobOutcome(model=model, report=report)
 
 
 def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, dataset_id: str, mode: str,
-                   should_stop: Callable[[], bool], classifiers: Classifiers) -> dict:
+                   should_stop: Callable[[], bool], classifiers: Classifiers,
+                   train_dataset_id: str | None = None) -> dict:
     """Evaluate ``ref`` on a dataset and write the report's files; returns the report's row fields (the
-    row is stored with the job's success)."""
+    row is stored with the job's success).
+
+    A fine-tuned model (``train_dataset_id``: the dataset it was trained on) is set beside the TF-IDF +
+    logistic-regression baseline trained on that dataset and scored on the same rows: the report's
+    ``baseline`` holds its figures and ``lift`` the model's minus the baseline's (accuracy, macro-F1,
+    weighted-F1). A zero-shot base model has no training dataset and no baseline."""
     from app.ml.eval.files import write_report
     from app.ml.eval.run import evaluate_records
 
@@ -278,6 +290,35 @@ def run_evaluation(settings: Settings, *, job_id: str, ref, model_id: str, datas
                    f"evaluated {done}/{total} dialogues in {now - started:.0f} s", {"done": done, "total": total})
 
     report = evaluate_records(classifiers.get().get(ref), records, ref.label_set, mode=mode, progress=progress)
+    _add_baseline(settings, job_id, report, records, ref.label_set, train_dataset_id)
     report_id, report_dir = report_service.new_report_dir(settings)
     write_report(report, report_dir)
     return dict(report_id=report_id, report_dir=report_dir, report=report, model_id=model_id, dataset_id=dataset_id)
+
+
+def _add_baseline(settings: Settings, job_id: str, report: dict, records: list, label_set,
+                  train_dataset_id: str | None) -> None:
+    """``report["baseline"]`` and ``report["lift"]`` (see run_evaluation); a baseline that cannot be had
+    (no training dataset, deleted, a single label) leaves them None with the reason in ``baseline_error``."""
+    from app.ml.eval.baseline import compare_with_baseline
+
+    report["baseline"] = report["lift"] = report["baseline_error"] = None
+    if train_dataset_id is None:
+        report["baseline_error"] = "the model has no training dataset (zero-shot base model)"
+        return
+    try:
+        train_records = dataset_service.load_records(settings, train_dataset_id)
+        baseline = compare_with_baseline(report, train_records, records, label_set)
+    except Exception as exc:  # noqa: BLE001 - the model's own report stands without its baseline
+        log.warning("baseline for %s not computed: %s", job_id, exc)
+        report["baseline_error"] = f"no baseline from dataset {train_dataset_id}: {exc}"
+        _event(settings, job_id, "warning", report["baseline_error"])
+        return
+    report["lift"] = baseline.pop("lift")
+    report["baseline"] = {"train_dataset_id": train_dataset_id, **baseline}
+    lift = report["lift"]
+    _event(settings, job_id, "baseline",
+           f"TF-IDF baseline (trained on {train_dataset_id}, {baseline['n_train']} rows): accuracy "
+           f"{baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f}; the model's lift: accuracy "
+           f"{lift['accuracy']:+.4f}, macro-F1 {lift['macro_f1']:+.4f}, weighted-F1 {lift['weighted_f1']:+.4f}",
+           {"baseline": report["baseline"], "lift": lift})

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.domain.artifacts import (
     CONFUSION_MATRIX_FILENAME,
+    RELIABILITY_DIAGRAM_FILENAME,
     REPORT_DETAIL_FILENAME,
     REPORT_ERRORS_FILENAME,
     REPORT_FAILED_FILENAME,
@@ -21,7 +22,7 @@ from app.services.errors import NotFoundError
 from app.services.rows import get_row
 
 SUMMARY_KEYS = ("n_samples", "accuracy", "macro_f1", "weighted_f1", "success_rate", "n_failed",
-                "evaluation_seconds", "seconds_per_sample", "mode")
+                "evaluation_seconds", "seconds_per_sample", "mode", "baseline", "lift", "ece", "files")
 
 
 def new_report_dir(settings: Settings) -> tuple[str, Path]:
@@ -63,6 +64,10 @@ def report_file(settings: Settings, report: Report, name: str) -> Path:
 
 def confusion_matrix_file(settings: Settings, report: Report) -> Path:
     return report_file(settings, report, CONFUSION_MATRIX_FILENAME)
+
+
+def reliability_diagram_file(settings: Settings, report: Report) -> Path:
+    return report_file(settings, report, RELIABILITY_DIAGRAM_FILENAME)
 
 
 def _read_json(settings: Settings, report: Report, name: str) -> dict | list:

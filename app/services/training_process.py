@@ -299,7 +299,9 @@ def _train_rank(spec: dict, run_dir: Path, rank: int, local_rank: int, world: in
                 records=dataset_service.load_records(settings, spec["dataset_id"]),
                 label_set=LabelSet.from_pairs(spec["label_set"]), system_prompt=spec["system_prompt"],
                 config=TrainingConfig(**spec["hyperparameters"]), job_dir=job_dir,
-                hooks=_rank_hooks(settings, spec, rank, run_dir / STOP_FILENAME), device=device)
+                hooks=_rank_hooks(settings, spec, rank, run_dir / STOP_FILENAME), device=device,
+                validation_records=(dataset_service.load_records(settings, spec["validation_dataset_id"])
+                                    if spec.get("validation_dataset_id") else None))
     except Timeout:
         raise TrainingProcessError("training_busy", f"another training process of this job still held "
                                    f"{job_dir / TRAINING_LOCK_FILENAME} after {LOCK_WAIT_SECONDS:.0f} s") from None

@@ -132,6 +132,8 @@ def test_operator_walks_through_the_console(start_server, browser, artifacts):
     expect(page.locator("#job-validation")).to_have_value(validation_id)
     expect(page.locator("#job-config")).to_have_value("tiny_test")
     page.fill("#hp-max_steps", "30")
+    page.fill("#hp-eval_every_steps", "10")  # validation during training: steps 10, 20, 30
+    page.select_option("#hp-class_balance", "sqrt")
     _shot(page, artifacts, "03-jobs-form")
     page.click("#job-submit")
     page.wait_for_url(re.compile(r"#/jobs/job_\w+$"))
@@ -139,7 +141,9 @@ def test_operator_walks_through_the_console(start_server, browser, artifacts):
     _wait_final(page, "succeeded")
     expect(page.locator("#job-phase")).to_have_text("Done: trained 30 steps, evaluated 34 dialogues")
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "30")
+    expect(page.locator("#loss-chart")).to_have_attribute("data-extra-points", "6")  # accuracy + macro-F1 x 3
     for kind in ("queued", "started", "base_model", "model_loaded", "checkpoint_saved", "finished",
+                 "class_balance", "validation", "best_checkpoint", "baseline",
                  "evaluation_started", "evaluation_progress", "model_registered", "report", "succeeded"):
         expect(page.locator(f'#job-events tr[data-kind="{kind}"]').first).to_be_attached()
     expect(page.locator('#job-events tr[data-kind="train_log"]')).to_have_count(0)  # hidden unless asked
@@ -149,6 +153,7 @@ def test_operator_walks_through_the_console(start_server, browser, artifacts):
     _shot(page, artifacts, "04-job-finished")
     job = api.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["progress"]["step"] == 30
+    assert job["hyperparameters"]["class_balance"] == "sqrt" and job["hyperparameters"]["eval_every_steps"] == 10
 
     # Its report: the cards agree with the API, the confusion matrix is drawn, per-class F1 worst first.
     page.click("#open-report")
@@ -159,6 +164,13 @@ def test_operator_walks_through_the_console(start_server, browser, artifacts):
     for key in ("accuracy", "macro_f1", "weighted_f1"):
         expect(page.locator(f'[data-card="{key}"] .value')).to_have_text(f"{report[key]:.3f}")
     expect(page.locator('[data-card="unparseable"] .value')).to_have_text(str(report["n_failed"]))
+    # Beside the TF-IDF baseline trained on the same training set, and the calibration of its probabilities.
+    lift = report["lift"]["macro_f1"]
+    expect(page.locator('[data-card="macro_f1_lift"] .value')).to_have_text(f"{'+' if lift > 0 else ''}{lift:.3f}")
+    expect(page.locator("#baseline-lift tbody tr")).to_have_count(3)
+    expect(page.locator("#baseline-lift")).to_contain_text(f"{report['baseline']['macro_f1']:.3f}")
+    expect(page.locator('[data-card="ece"] .value')).to_have_text(f"{report['ece']:.3f}")
+    _image_loaded(page, "reliability-diagram")
     _image_loaded(page, "confusion-matrix")
     expect(page.locator("#per-class-f1 .bar-label")).to_have_count(34)
     f1s = [float(text.split()[0]) for text in page.locator("#per-class-f1 .bar-value").all_inner_texts()]

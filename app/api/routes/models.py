@@ -3,7 +3,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep
 from app.api.errors import error_responses
-from app.schemas import BaseModelOut, FineTunedModelOut, LossHistoryOut, LossPoint, ModelsOut
+from app.schemas import BaseModelOut, FineTunedModelOut, LossHistoryOut, LossPoint, ValidationPoint, ModelsOut
 from app.services import models as service
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -32,7 +32,11 @@ def loss_curve(model_id: str, session: SessionDep, settings: SettingsDep) -> Fil
 
 
 @router.get("/{model_id}/loss_history", response_model=LossHistoryOut, responses=error_responses(404, 422),
-            summary="Training loss by step (the numbers behind loss_curve.png)")
+            summary="Training loss by step, and validation accuracy / macro-F1 where the job evaluated during "
+                    "training (the numbers behind loss_curve.png)")
 def loss_history(model_id: str, session: SessionDep, settings: SettingsDep) -> LossHistoryOut:
-    points = service.loss_history(settings, service.get_adapter(session, model_id))
-    return LossHistoryOut(model_id=model_id, points=[LossPoint(**p) for p in points])
+    model = service.get_adapter(session, model_id)
+    points = service.loss_history(settings, model)
+    return LossHistoryOut(model_id=model_id, points=[LossPoint(**p) for p in points],
+                          validation=[ValidationPoint(**v) for v in service.validation_history(settings, model)],
+                          best_step=(model.metrics or {}).get("best_step"))

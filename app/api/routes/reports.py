@@ -21,7 +21,8 @@ def list_reports(session: SessionDep, model_id: str | None = None) -> list[Repor
             summary="All metrics of a report (accuracy, F1s, per-class, confused pairs, timing)")
 def get_report(report_id: str, session: SessionDep, settings: SettingsDep) -> ReportDetailOut:
     report = service.get_report(session, report_id)
-    return ReportDetailOut(**ReportOut.model_validate(report).model_dump(exclude={"confusion_matrix_url"}),
+    return ReportDetailOut(**ReportOut.model_validate(report).model_dump(exclude={"confusion_matrix_url",
+                                                                                  "reliability_diagram_url"}),
                            metrics=service.report_metrics(settings, report))
 
 
@@ -30,6 +31,14 @@ def get_report(report_id: str, session: SessionDep, settings: SettingsDep) -> Re
 def confusion_matrix(report_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
     report = service.get_report(session, report_id)
     return FileResponse(service.confusion_matrix_file(settings, report), media_type="image/png")
+
+
+@router.get("/{report_id}/reliability_diagram.png", response_class=FileResponse,
+            responses={**_PNG, **error_responses(404, 422)},
+            summary="Score-mode reports: accuracy against confidence per bin (calibration, ECE in the metrics)")
+def reliability_diagram(report_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    report = service.get_report(session, report_id)
+    return FileResponse(service.reliability_diagram_file(settings, report), media_type="image/png")
 
 
 @router.get("/{report_id}/errors", response_model=list[WrongPredictionOut], responses=error_responses(404, 422),

@@ -82,3 +82,36 @@ def predict(model: BaselineModel, dialogues: Sequence[str]) -> list[BaselinePred
 
 def predict_ids(model: BaselineModel, dialogues: Sequence[str]) -> list[int]:
     return [p.label_id for p in predict(model, dialogues)]
+
+
+LIFT_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+
+
+def compare_with_baseline(report: dict, train_records: Sequence[Record], eval_records: Sequence[Record],
+                          label_set, config: BaselineConfig | None = None) -> dict:
+    """The baseline trained on ``train_records`` (the model's training rows), scored on ``eval_records``
+    (the rows ``report`` was made on) with the report's own metric definitions, and the model's lift over it.
+
+    Returns {"n_train", "fit_seconds", "accuracy", "macro_f1", "weighted_f1", "n_samples", "lift":
+    {metric: model - baseline}} for metric in accuracy, macro-F1, weighted-F1.
+    """
+    import time
+
+    from app.ml.eval.metrics import build_report
+
+    if report["n_samples"] != len(eval_records):
+        raise ValueError(f"the report has {report['n_samples']} samples, {len(eval_records)} records were given")
+    began = time.perf_counter()
+    model = fit_baseline(train_records, config)
+    fitted = time.perf_counter()
+    predicted = predict_ids(model, [r.dialogue for r in eval_records])
+    baseline = build_report(
+        y_true=[r.label_id for r in eval_records], y_pred=predicted, label_set=label_set,
+        texts=[r.dialogue for r in eval_records], raw_outputs=None, mode="baseline",
+        elapsed_seconds=time.perf_counter() - fitted,
+    )
+    out = {"method": "tfidf_char_1_3_logreg", "n_train": len(train_records), "fit_seconds": fitted - began,
+           "n_samples": baseline["n_samples"]}
+    out.update({name: baseline[name] for name in LIFT_METRICS})
+    out["lift"] = {name: report[name] - baseline[name] for name in LIFT_METRICS}
+    return out

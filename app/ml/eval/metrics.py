@@ -14,6 +14,40 @@ from __future__ import annotations
 from app.domain.labels import LabelSet
 
 MOST_CONFUSED = 10
+CALIBRATION_BINS = 10
+
+
+def calibration(confidences: list[float], correct: list[bool], n_bins: int = CALIBRATION_BINS) -> dict:
+    """Expected calibration error and the reliability table of predictions' confidences.
+
+    ``n_bins`` equal-width bins of confidence, right-closed: (0, 1/M], (1/M, 2/M], ..., with 0 in the
+    first. ECE = sum over bins of |bin| / n * |accuracy(bin) - mean confidence(bin)| (Guo et al. 2017):
+    0 when the model is right as often as it says, up to 1. Empty bins hold None and weigh nothing.
+    """
+    import numpy as np
+
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences for {len(correct)} outcomes")
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    conf = np.asarray(confidences, dtype=float)
+    hits = np.asarray(correct, dtype=float)
+    if conf.size and (np.isnan(conf).any() or conf.min() < 0 or conf.max() > 1):
+        raise ValueError("confidences must be probabilities in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.searchsorted(edges[1:-1], conf, side="left")  # c in (edge[k], edge[k+1]] -> k
+    n = conf.size
+    bins, ece = [], 0.0
+    for k in range(n_bins):
+        members = index == k
+        count = int(members.sum())
+        accuracy = float(hits[members].mean()) if count else None
+        confidence = float(conf[members].mean()) if count else None
+        if count:
+            ece += count / n * abs(accuracy - confidence)
+        bins.append({"lower": float(edges[k]), "upper": float(edges[k + 1]), "count": count,
+                     "accuracy": accuracy, "confidence": confidence})
+    return {"ece": float(ece), "n_bins": n_bins, "n_samples": n, "bins": bins}
 
 
 def _sentinel(label_set: LabelSet) -> int:
@@ -74,6 +108,14 @@ def build_report(
     n_failed = sum(p is None for p in valid_pred)
     report["n_failed"] = n_failed
     report["success_rate"] = (n - n_failed) / n if n else 0.0
+    # Calibration where every prediction has a probability (score mode): does 0.8 mean right 80% of the time?
+    if n and confidences is not None and all(c is not None for c in confidences):
+        report["calibration"] = calibration([float(c) for c in confidences],
+                                            [p is not None and p == t for p, t in zip(valid_pred, y_true)])
+        report["ece"] = report["calibration"]["ece"]
+    else:
+        report["calibration"] = None
+        report["ece"] = None
     report["evaluation_seconds"] = float(elapsed_seconds)
     report["seconds_per_sample"] = float(elapsed_seconds) / n if n else 0.0
     report["metric_labels"] = metric_labels

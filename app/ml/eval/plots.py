@@ -1,4 +1,5 @@
-"""Report figures: the confusion matrix (every class, readable Chinese names) and the training loss curve.
+"""Report figures: the confusion matrix (every class, readable Chinese names), the reliability diagram and the
+training loss curve (with the validation figures of evaluations during training).
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no GUI backend, no
 global state), so the worker and the API can draw from threads. Chinese label names need a CJK
@@ -97,10 +98,13 @@ def plot_confusion_matrix(matrix: list[list[int]], label_set: LabelSet, path: Pa
     return path
 
 
-def build_loss_figure(history: list[dict]) -> Figure:
-    """Step vs training loss (and eval loss where the history has it)."""
+def build_loss_figure(history: list[dict], validation: list[dict] | None = None) -> Figure:
+    """Step vs training loss (and eval loss where the history has it); with ``validation`` ({"step",
+    "accuracy", "macro_f1"} items, the evaluations during training) their accuracy and macro-F1 on a
+    second axis (0-1), the best macro-F1 marked."""
     train = [(item["step"], item["loss"]) for item in history if item.get("loss") is not None and "step" in item]
     evals = [(item["step"], item["eval_loss"]) for item in history if item.get("eval_loss") is not None and "step" in item]
+    validation = [v for v in (validation or []) if "step" in v and v.get("macro_f1") is not None]
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -108,21 +112,72 @@ def build_loss_figure(history: list[dict]) -> Figure:
         ax.plot(*zip(*train), marker="." if len(train) < 50 else None, label="training loss")
     if evals:
         ax.plot(*zip(*evals), marker="o", label="eval loss")
-    if not train and not evals:
+    if not train and not evals and not validation:
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("Training loss")
+    ax.set_title("Training loss" + (" and validation" if validation else ""))
     ax.grid(True, alpha=0.3)
-    if train or evals:
-        ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if validation:
+        right = ax.twinx()
+        steps = [v["step"] for v in validation]
+        right.plot(steps, [v["accuracy"] for v in validation], marker="s", color="tab:green", label="val accuracy")
+        right.plot(steps, [v["macro_f1"] for v in validation], marker="^", color="tab:red", label="val macro-F1")
+        best = max(validation, key=lambda v: (v["macro_f1"], -v["step"]))
+        right.scatter([best["step"]], [best["macro_f1"]], s=160, facecolors="none", edgecolors="black", zorder=5,
+                      label=f"best (step {best['step']})")
+        right.set_ylim(0, 1.02)
+        right.set_ylabel("validation accuracy / macro-F1")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    if handles:
+        ax.legend(handles, labels, loc="best")
     fig.tight_layout()
     return fig
 
 
-def plot_loss_curve(history: list[dict], path: Path) -> Path:
-    """Draw the loss curve of ``history`` ({"step", "loss", ...} items) into ``path`` (PNG, 150 DPI)."""
+def plot_loss_curve(history: list[dict], path: Path, validation: list[dict] | None = None) -> Path:
+    """Draw the loss curve of ``history`` ({"step", "loss", ...} items), and the validation figures when
+    given, into ``path`` (PNG, 150 DPI)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_loss_figure(history).savefig(path, dpi=LOSS_DPI)
+    build_loss_figure(history, validation).savefig(path, dpi=LOSS_DPI)
+    return path
+
+
+def build_reliability_figure(calibration: dict) -> Figure:
+    """Reliability diagram of a report's ``calibration`` (``app.ml.eval.metrics.calibration``): per
+    confidence bin, the accuracy against the mean confidence, the diagonal being perfect calibration,
+    and how many predictions each bin holds."""
+    bins = calibration["bins"]
+    fig = Figure(figsize=(6, 7))
+    FigureCanvasAgg(fig)
+    top = fig.add_axes((0.12, 0.34, 0.82, 0.58))
+    bottom = fig.add_axes((0.12, 0.08, 0.82, 0.18), sharex=top)
+    width = 1.0 / len(bins) if bins else 0.1
+    filled = [b for b in bins if b["count"]]
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfectly calibrated")
+    top.bar([b["lower"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+            edgecolor="black", alpha=0.7, label="accuracy")
+    top.bar([b["lower"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled], width=width,
+            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.25, hatch="//",
+            label="gap to confidence")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"Reliability diagram (ECE {calibration['ece']:.3f}, {calibration['n_samples']} predictions)")
+    top.legend(loc="upper left")
+    top.grid(True, alpha=0.3)
+    bottom.bar([b["lower"] for b in bins], [b["count"] for b in bins], width=width, align="edge", edgecolor="black")
+    bottom.set_xlabel("confidence (probability of the predicted label)")
+    bottom.set_ylabel("predictions")
+    return fig
+
+
+def plot_reliability_diagram(calibration: dict, path: Path) -> Path:
+    """Draw the reliability diagram into ``path`` (PNG, 150 DPI)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_reliability_figure(calibration).savefig(path, dpi=LOSS_DPI)
     return path

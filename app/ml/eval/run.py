@@ -55,3 +55,33 @@ def evaluate_records(
         elapsed_seconds=elapsed,
         mode=mode,
     )
+
+
+def score_accuracy_macro_f1(model, tokenizer, system_prompt: str, label_set: LabelSet, records: list[Record], *,
+                            max_input_length: int | None, batch_size: int = 8) -> tuple[float, float]:
+    """Accuracy and macro-F1 of ``model`` (a causal LM or a peft model, as it is now) on ``records``, by label
+    scoring, for evaluations during training (``app.ml.train.validation``): no classifier registry, no report.
+
+    Macro-F1 as the reports compute it (``app.ml.eval.metrics.build_report``): over the classes present
+    in the truth or the predictions.
+    """
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from app.ml.infer.scoring import LabelScorer
+
+    was_training = model.training
+    model.eval()
+    try:
+        scorer = LabelScorer(model, tokenizer, system_prompt, label_set, max_input_length=max_input_length)
+        with torch.no_grad():
+            scores = scorer.score([r.dialogue for r in records], batch_size=batch_size)
+    finally:
+        if was_training:
+            model.train()
+    ids = scorer.candidates.label_ids
+    y_pred = [ids[int(i)] for i in scores.argmax(dim=-1).tolist()]
+    y_true = [r.label_id for r in records]
+    present = sorted(set(y_true) | set(y_pred))
+    return (float(accuracy_score(y_true, y_pred)),
+            float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)))

@@ -21,6 +21,7 @@ CPU_RECIPE = "cpu_small"  # the embedded default model on a CPU in minutes
 # (reduce_lr_on_plateau and greedy need metrics, the *_min_lr ones min_lr, warmup_stable_decay its decay steps).
 LrSchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                           "constant_with_warmup", "inverse_sqrt"]
+ClassBalance = Literal["none", "sqrt", "balanced"]
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$", max_length=200)]
 
 
@@ -68,6 +69,18 @@ class TrainingConfig(BaseModel):
         None, description="A DeepSpeed config in configs/deepspeed/ (zero2, zero3) for a job on several GPUs "
         "(docs/deploy.md); none: plain DDP. Needs the deepspeed package on the workers")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed (numpy's range: set_seed seeds numpy too)")
+
+    class_balance: ClassBalance = Field(
+        "none", description="How often each intent is drawn in training: none = as in the data; sqrt = a class's "
+        "share proportional to the square root of its row count; balanced = every class equally often "
+        "(class-weighted sampling with replacement; see app.ml.train.balance)")
+    eval_every_steps: int = Field(0, ge=0, le=2**31 - 1, description="With a validation dataset: label-score a "
+                                  "sample of it every this many optimizer steps (and at the last step), record "
+                                  "accuracy / macro-F1 and keep the best adapter by macro-F1; 0 = off")
+    eval_max_samples: int = Field(64, ge=1, le=100000, description="Validation dialogues scored at each of those "
+                                  "evaluations at most (a fixed, seeded sample)")
+    early_stopping_patience: int = Field(0, ge=0, le=100000, description="Stop after this many evaluations in a "
+                                         "row without a better macro-F1 (needs eval_every_steps); 0 = never")
 
     @model_validator(mode="after")
     def _check_steps(self):

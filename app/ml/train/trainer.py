@@ -51,11 +51,20 @@ from app.domain.labels import LabelSet
 from app.domain.prompt import format_answer
 from app.domain.records import Record
 from app.ml.text.encoding import ChatCollator, EncodedDataset, encode_dataset
+from app.ml.train.balance import ClassBalancedSampler, class_shares, sample_weights
 from app.ml.train.config import TrainingConfig, deepspeed_config_path
 from app.ml.train.shared_prefix import (
     naive_loss,
     shared_prefix_loss,
     supports_shared_prefix,
+)
+from app.ml.train.validation import (
+    ValidationCallback,
+    best_validation,
+    early_stopped,
+    load_snapshot,
+    validation_entries,
+    validation_sample,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,7 +88,8 @@ class TrainingHooks:
       tokens_per_second, samples_per_second, steps_per_second, eta_seconds.
     - ``on_event(kind, message, data)``: "model_loaded", "dataset_encoded", "resumed",
       "checkpoint_saved", "cancelled", "finished", "training_done" (finished earlier: nothing
-      trained), "warning".
+      trained), "warning", "class_balance", and with a validation set "validation" (every
+      ``eval_every_steps``), "early_stopped", "best_checkpoint".
     - ``should_stop()`` polled after every optimizer step (and before training starts): True
       cancels the run within one step; checkpoints are kept, no adapter is written.
     """
@@ -99,6 +109,8 @@ class TrainingResult:
     quantization: str  # "4bit" | "none", as used
     loss_history: list[dict] = field(default_factory=list)  # [{"step", "loss"}], including before a resume
     metrics: dict = field(default_factory=dict)
+    # [{"step", "accuracy", "macro_f1", "n_samples"}]: the evaluations during training (eval_every_steps)
+    validation_history: list[dict] = field(default_factory=list)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -130,15 +142,19 @@ def finished_training(job_dir: Path) -> TrainingResult | None:
         adapter_dir=adapter_dir, cancelled=False, steps=int(metrics.get("global_step") or 0),
         final_loss=metrics.get("final_loss"), train_runtime_s=float(metrics.get("train_runtime") or 0.0),
         quantization=meta.get("quantization", "none"), loss_history=meta.get("loss_history") or [], metrics=metrics,
+        validation_history=meta.get("validation_history") or [],
     )
 
 
 def _final_checkpoint_state(checkpoint: Path | None) -> dict | None:
-    """trainer_state.json of ``checkpoint`` when it was saved at the run's last step, else None."""
+    """trainer_state.json of ``checkpoint`` when it was saved at the run's last step (or where it stopped
+    early), else None."""
     if checkpoint is None:
         return None
     state = json.loads((checkpoint / _TRAINER_STATE).read_text(encoding="utf-8"))
     if 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+        return state
+    if early_stopped(state.get("log_history") or []) == state.get("global_step"):
         return state
     return None
 
@@ -151,14 +167,25 @@ def _load_checkpoint_adapter(model, checkpoint: Path) -> None:
 
 
 class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict]):
-        self.items = items
+    """The encoded samples; remembers the label of each row fetched, in order (what class_balance changes)."""
+
+    def __init__(self, items: list[dict], label_ids: list[int]):
+        self.items, self.label_ids = items, label_ids
+        self.fetched: list[int] = []
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        self.fetched.append(self.label_ids[index])
         return self.items[index]
+
+    def drawn_per_class(self, consumed: int) -> dict[str, int]:
+        """Rows of each label among the first ``consumed`` fetched (the data loader fetches one batch ahead)."""
+        counts: dict[int, int] = {}
+        for label in self.fetched[:consumed]:
+            counts[label] = counts.get(label, 0) + 1
+        return {str(k): v for k, v in sorted(counts.items())}
 
 
 @dataclass
@@ -230,9 +257,16 @@ def _loss_through_wrapper(model, loss_fn, inputs: dict, num_items_in_batch):
 class _IntentTrainer(Trainer):
     """``Trainer`` whose loss is ``shared_prefix_loss`` or ``naive_loss`` (chosen by the batch's shape)."""
 
-    def __init__(self, *args, throughput: _Throughput, **kwargs):
+    def __init__(self, *args, throughput: _Throughput, sample_weights: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.throughput = throughput
+        self.sample_weights = sample_weights
+
+    def _get_train_sampler(self, train_dataset=None):
+        # class_balance (app.ml.train.balance): weighted draws instead of one pass in random order.
+        if self.sample_weights is None:
+            return super()._get_train_sampler(train_dataset)
+        return ClassBalancedSampler(self.sample_weights, seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Normalised by the item count of the whole accumulated batch when the Trainer gives it.
@@ -382,6 +416,11 @@ def _loss_history(log_history: list[dict]) -> list[dict]:
     return [{"step": int(e["step"]), "loss": float(e["loss"])} for e in log_history if "loss" in e and "step" in e]
 
 
+def _validation_history(log_history: list[dict]) -> list[dict]:
+    return [{"step": int(e["step"]), "accuracy": float(e["val_accuracy"]), "macro_f1": float(e["val_macro_f1"]),
+             "n_samples": int(e.get("val_samples") or 0)} for e in validation_entries(log_history)]
+
+
 def train_adapter(
     *,
     base_model_dir: Path,
@@ -393,11 +432,14 @@ def train_adapter(
     job_dir: Path,
     hooks: TrainingHooks | None = None,
     device: str | None = None,
+    validation_records: list[Record] | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter on ``records`` and save it under ``job_dir/adapter`` (see the module docstring).
 
     Resumes from ``job_dir/checkpoints`` when a checkpoint exists. Raises on bad input (an empty
     dataset, a label outside ``label_set``, a prompt longer than ``max_input_length``).
+    With ``validation_records`` and ``config.eval_every_steps`` > 0, a sample of them is label-scored
+    during training and the adapter saved is the one of the best macro-F1 (``app.ml.train.validation``).
     """
     from peft import get_peft_model
 
@@ -413,6 +455,9 @@ def train_adapter(
         raise ValueError("no training records")
     pairs = _answers(records, label_set)
     _check_deepspeed(config)
+    validating = bool(config.eval_every_steps and validation_records)
+    if validating:
+        _answers(validation_records, label_set)  # the same check: every validation label is in the set
     check_target_modules(Path(base_model_dir), config.target_modules)
     set_seed(config.seed)
 
@@ -456,7 +501,15 @@ def train_adapter(
         hooks.on_event("cancelled", "cancelled before training started", {"step": 0})
         return TrainingResult(None, True, 0, None, 0.0, loaded.quantization)
 
-    dataset = _ListDataset([{"input_ids": s.input_ids, "labels": s.labels} for s in encoded.samples])
+    label_ids = [r.label_id for r in records]
+    dataset = _ListDataset([{"input_ids": s.input_ids, "labels": s.labels} for s in encoded.samples], label_ids)
+    weights = None
+    if config.class_balance != "none":
+        weights = sample_weights(label_ids, config.class_balance)
+        shares = class_shares(label_ids, config.class_balance)
+        hooks.on_event("class_balance", f"class_balance={config.class_balance}: rarest class drawn "
+                       f"{min(shares.values()):.1%}, commonest {max(shares.values()):.1%} of the time",
+                       {"mode": config.class_balance, "shares": {str(k): v for k, v in shares.items()}})
     collator = ChatCollator(
         pad_token_id=loaded.tokenizer.pad_token_id,
         prefix_length=len(encoded.prefix_ids) if use_shared_prefix else 0,
@@ -464,13 +517,22 @@ def train_adapter(
     processes = torch.distributed.get_world_size() if _distributed() else 1
     throughput = _Throughput(processes=processes)
     cancel = _CancelCallback(hooks.should_stop)
+    callbacks = [_ProgressCallback(hooks, throughput, checkpoints_dir), cancel]
+    if validating:
+        sample = validation_sample(validation_records, config.eval_max_samples, config.seed)
+        callbacks.append(ValidationCallback(
+            model=model, tokenizer=loaded.tokenizer, system_prompt=system_prompt, label_set=label_set,
+            records=sample, every=config.eval_every_steps, patience=config.early_stopping_patience,
+            max_input_length=config.max_input_length, checkpoints_dir=checkpoints_dir,
+            on_event=hooks.on_event, skip=lambda: cancel.cancelled))
     trainer = _IntentTrainer(
         model=model,
         args=_training_arguments(config, checkpoints_dir, loaded),
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[_ProgressCallback(hooks, throughput, checkpoints_dir), cancel],
+        callbacks=callbacks,
         throughput=throughput,
+        sample_weights=weights,
     )
 
     resume_from = latest_checkpoint(checkpoints_dir)
@@ -494,6 +556,7 @@ def train_adapter(
     runtime = time.monotonic() - started
 
     history = _loss_history(log_history)
+    validation_history = _validation_history(log_history)
     final_loss = history[-1]["loss"] if history else None
     metrics = {
         **{k: v for k, v in train_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
@@ -511,10 +574,27 @@ def train_adapter(
         "processes": processes,
         "dtype": str(loaded.dtype),
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
+        "class_balance": config.class_balance,
+        "samples_per_class": dataset.drawn_per_class(throughput.samples),  # trained on by this call
+        "early_stopped_at": early_stopped(log_history),
     }
     if cancel.cancelled:
         hooks.on_event("cancelled", f"cancelled at step {global_step}", {"step": global_step})
-        return TrainingResult(None, True, global_step, final_loss, runtime, loaded.quantization, history, metrics)
+        return TrainingResult(None, True, global_step, final_loss, runtime, loaded.quantization, history, metrics,
+                              validation_history)
+
+    best = best_validation(log_history, checkpoints_dir) if validating else None
+    if best is not None:
+        if (best.snapshot / "adapter_model.safetensors").is_file():
+            load_snapshot(model, best.snapshot)  # the registered adapter is the best one, not the last
+            metrics.update(best_step=best.step, best_val_accuracy=best.accuracy, best_val_macro_f1=best.macro_f1)
+            hooks.on_event("best_checkpoint", f"keeping the adapter of step {best.step} (validation macro-F1 "
+                           f"{best.macro_f1:.4f}, accuracy {best.accuracy:.4f}) of {global_step} steps",
+                           {"step": best.step, "macro_f1": best.macro_f1, "accuracy": best.accuracy,
+                            "last_step": global_step})
+        else:
+            hooks.on_event("warning", f"the best adapter (step {best.step}) is missing at {best.snapshot}; "
+                           f"keeping the last one (step {global_step})", {"step": best.step})
 
     adapter_dir = job_dir / ADAPTER_DIRNAME
     if trainer.args.process_index == 0:  # one writer: the other ranks hold the same weights
@@ -530,16 +610,18 @@ def train_adapter(
                 "quantization": loaded.quantization,
                 "metrics": metrics,
                 "loss_history": history,
+                "validation_history": validation_history,
             },
         )
-        _write_loss_curve(history, staging / LOSS_CURVE_FILENAME, hooks)
+        _write_loss_curve(history, staging / LOSS_CURVE_FILENAME, hooks, validation_history)
         shutil.rmtree(adapter_dir, ignore_errors=True)  # without its metadata it is incomplete (older versions)
         os.rename(staging, adapter_dir)  # complete by construction: the marker that training is done
     if _distributed():
         torch.distributed.barrier()  # every rank returns once the adapter is in place
     hooks.on_event("finished", f"training finished at step {global_step}",
                    {"step": global_step, "adapter_dir": str(adapter_dir), "final_loss": final_loss})
-    return TrainingResult(adapter_dir, False, global_step, final_loss, runtime, loaded.quantization, history, metrics)
+    return TrainingResult(adapter_dir, False, global_step, final_loss, runtime, loaded.quantization, history, metrics,
+                          validation_history)
 
 
 def check_target_modules(base_model_dir: Path, target_modules: list[str]) -> None:
@@ -568,7 +650,8 @@ def save_adapter(model, tokenizer, adapter_dir: Path, *, metadata: dict) -> None
     )
 
 
-def _write_loss_curve(history: list[dict], path: Path, hooks: TrainingHooks) -> None:
+def _write_loss_curve(history: list[dict], path: Path, hooks: TrainingHooks,
+                      validation: list[dict] | None = None) -> None:
     """Plot the loss curve; a missing or failing plotter never fails a finished training."""
     try:
         from app.ml.eval.plots import plot_loss_curve
@@ -576,7 +659,7 @@ def _write_loss_curve(history: list[dict], path: Path, hooks: TrainingHooks) -> 
         hooks.on_event("warning", f"loss curve not written: {exc}", {})
         return
     try:
-        plot_loss_curve(history, path)
+        plot_loss_curve(history, path, validation=validation)
     except Exception as exc:  # noqa: BLE001 - the adapter is already saved; report and go on
         logger.exception("loss curve plot failed")
         hooks.on_event("warning", f"loss curve not written: {exc}", {})

@@ -45,27 +45,32 @@ function niceTicks(lo, hi, count = 5) {
   return ticks;
 }
 
-// A line over points [{x, y}] (x ascending). Returns {el, update(points)} for live curves.
+// A line over points [{x, y}] (x ascending). Returns {el, update(points, extra)} for live curves.
+// extra: more series on a second axis from 0 to 1 at the right (validation accuracy / macro-F1), named
+// in a legend:
+// [{name, cls, points: [{x, y}], mark?: {x, y, title}}].
 export function lineChart({ id, xLabel = "step", yLabel = "loss", width = 640, height = 230, empty = "No points yet." } = {}) {
   const el = h("div", { class: "chart", id });
   const margin = { left: 52, right: 14, top: 12, bottom: 34 };
 
-  function update(points) {
+  function update(points, extra = []) {
+    extra = extra.filter((series) => series.points.length);
+    margin.right = extra.length ? 40 : 14;
     const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
                            "aria-label": `${yLabel} by ${xLabel}, ${points.length} points` });
     const plotW = width - margin.left - margin.right;
     const plotH = height - margin.top - margin.bottom;
     svg.append(s("line", { class: "axis", x1: margin.left, y1: margin.top + plotH, x2: margin.left + plotW,
                            y2: margin.top + plotH }));
-    if (!points.length) {
+    if (!points.length && !extra.length) {
       svg.append(s("text", { class: "empty-chart", x: margin.left + plotW / 2, y: margin.top + plotH / 2,
                              "text-anchor": "middle" }, empty));
       clear(el, svg);
       el.dataset.points = "0";
       return;
     }
-    const xs = points.map((p) => p.x);
-    const ys = points.map((p) => p.y);
+    const xs = [...points, ...extra.flatMap((series) => series.points)].map((p) => p.x);
+    const ys = points.length ? points.map((p) => p.y) : [0, 1];
     let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
     if (x0 === x1) { x0 -= 1; x1 += 1; }
     let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
@@ -91,10 +96,45 @@ export function lineChart({ id, xLabel = "step", yLabel = "loss", width = 640, h
       for (const p of points) svg.append(s("circle", { class: "series-dot", cx: X(p.x), cy: Y(p.y), r: 2.5 },
                                            s("title", {}, `${xLabel} ${p.x}: ${yLabel} ${p.y.toFixed(4)}`)));
     }
+    if (extra.length) {
+      const R = (y) => margin.top + plotH - y * plotH; // the right axis: 0..1
+      for (const t of [0, 0.5, 1]) {
+        svg.append(s("text", { class: "tick", x: margin.left + plotW + 6, y: R(t) + 4 }, t.toFixed(1)));
+      }
+      extra.forEach((series, k) => {
+        const path = series.points.map((p, i) => `${i ? "L" : "M"}${X(p.x).toFixed(1)},${R(p.y).toFixed(1)}`).join("");
+        svg.append(s("path", { class: `series ${series.cls}`, d: path, "data-series": series.name }));
+        for (const p of series.points) {
+          svg.append(s("circle", { class: `series-dot ${series.cls}`, cx: X(p.x), cy: R(p.y), r: 3 },
+                       s("title", {}, `${xLabel} ${p.x}: ${series.name} ${p.y.toFixed(4)}`)));
+        }
+        if (series.mark) {
+          svg.append(s("circle", { class: "series-best", cx: X(series.mark.x), cy: R(series.mark.y), r: 7 },
+                       s("title", {}, series.mark.title)));
+        }
+        const lx = margin.left + 8 + k * 150;
+        svg.append(s("line", { class: `series ${series.cls}`, x1: lx, x2: lx + 18, y1: margin.top + 8, y2: margin.top + 8 }),
+                   s("text", { class: "tick", x: lx + 22, y: margin.top + 12 }, series.name));
+      });
+    }
     clear(el, svg);
     el.dataset.points = String(points.length);
+    el.dataset.extraPoints = String(extra.reduce((n, series) => n + series.points.length, 0));
   }
 
   update([]);
   return { el, update };
+}
+
+// The validation series of a loss chart from {step, accuracy, macro_f1} items; the best macro-F1 circled
+// (the first of equal ones, as the trainer keeps it) unless bestStep says which step was kept.
+export function validationSeries(items, bestStep = null) {
+  if (!items.length) return [];
+  const best = items.find((v) => v.step === bestStep)
+    ?? items.reduce((a, b) => (b.macro_f1 > a.macro_f1 ? b : a));
+  return [
+    { name: "val accuracy", cls: "val-accuracy", points: items.map((v) => ({ x: v.step, y: v.accuracy })) },
+    { name: "val macro-F1", cls: "val-f1", points: items.map((v) => ({ x: v.step, y: v.macro_f1 })),
+      mark: { x: best.step, y: best.macro_f1, title: `best: step ${best.step}, macro-F1 ${best.macro_f1.toFixed(4)}` } },
+  ];
 }

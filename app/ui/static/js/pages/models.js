@@ -1,7 +1,7 @@
 // Models: fine-tuned adapters (metrics, loss curve, reports, evaluate) and the classify playground.
 
 import { api, blobUrl } from "../api.js";
-import { barChart, lineChart } from "../charts.js";
+import { barChart, lineChart, validationSeries } from "../charts.js";
 import { badge, card, clear, errorBox, fmt, h, pageHead, pagedTable, panel, shortId, toast } from "../dom.js";
 
 const SAMPLE_TEXT = "您好请讲[SEP]我想开通一个流量包[SEP]好的请问您要哪一档的[SEP]五十块的那个";
@@ -127,9 +127,10 @@ export async function detail(container, ctx, id) {
   const m = model.metrics || {};
   const latest = reports[0]?.summary;
   const curve = lineChart({ id: "model-loss-chart" });
-  curve.update(history.points.map((p) => ({ x: p.step, y: p.loss })));
+  const validation = history.validation || [];
+  curve.update(history.points.map((p) => ({ x: p.step, y: p.loss })), validationSeries(validation, history.best_step));
   let curvePanel = curve.el;
-  if (!history.points.length && model.loss_curve_url) {
+  if (!history.points.length && !validation.length && model.loss_curve_url) {
     curvePanel = h("img", { class: "matrix", alt: "loss curve" });
     blobUrl(model.loss_curve_url).then((url) => { curvePanel.src = url; }, () => curvePanel.replaceWith(curve.el));
   }
@@ -138,6 +139,7 @@ export async function detail(container, ctx, id) {
     { title: "Dataset", render: (r) => shortId(r.dataset_id) },
     { title: "Accuracy", num: true, render: (r) => fmt.metric(r.summary.accuracy) },
     { title: "Macro-F1", num: true, render: (r) => fmt.metric(r.summary.macro_f1) },
+    { title: "Lift", num: true, render: (r) => (r.summary.lift ? fmt.metric(r.summary.lift.macro_f1) : "–") },
     { title: "Created", render: (r) => h("span", { class: "nowrap" }, fmt.time(r.created_at)) },
   ], { id: "model-reports", pageSize: 10, onRowClick: (r) => { location.hash = `#/reports/${r.id}`; },
        empty: "No report yet." });
@@ -153,15 +155,22 @@ export async function detail(container, ctx, id) {
           card("Tokens / s", fmt.num(m.tokens_per_second, 0), { hint: m.device ? `on ${m.device}` : null }),
           card("Labels", model.labels.length),
           latest ? card("Last accuracy", fmt.metric(latest.accuracy), { hint: `macro-F1 ${fmt.metric(latest.macro_f1)}` })
-            : card("Last accuracy", "–", { hint: "not evaluated yet" })),
+            : card("Last accuracy", "–", { hint: "not evaluated yet" }),
+          latest?.lift ? card("Macro-F1 vs baseline", `${latest.lift.macro_f1 > 0 ? "+" : ""}${fmt.metric(latest.lift.macro_f1)}`,
+                              { tone: latest.lift.macro_f1 > 0 ? "good" : "bad",
+                                hint: `TF-IDF baseline ${fmt.metric(latest.baseline.macro_f1)}` }) : null,
+          m.best_step != null ? card("Kept step", fmt.num(m.best_step), {
+            hint: `best validation macro-F1 ${fmt.metric(m.best_val_macro_f1)}${m.early_stopped_at ? `, stopped early at ${m.early_stopped_at}` : ""}` })
+            : null),
         h("div", { class: "grid grid-2" },
-          panel("Training loss", curvePanel),
+          panel(validation.length ? "Training loss and validation" : "Training loss", curvePanel),
           panel("Classify playground", playground(models, model.id))),
         h("div", { class: "grid grid-2", style: { marginTop: "16px" } },
           panel("Reports", reportTable.el, h("h3", {}, "Evaluate on a dataset"), evaluateForm(model, datasets)),
           panel("Training metrics",
                 h("dl", { class: "kv" }, Object.entries(m).flatMap(([k, v]) => [
-                  h("dt", {}, k), h("dd", {}, typeof v === "number" && !Number.isInteger(v) ? fmt.num(v, 4) : String(v))])),
+                  h("dt", {}, k), h("dd", {}, typeof v === "number" && !Number.isInteger(v) ? fmt.num(v, 4)
+                    : v !== null && typeof v === "object" ? JSON.stringify(v) : String(v))])),
                 h("details", {}, h("summary", {}, `${model.labels.length} labels`),
                   h("p", { class: "small" }, model.labels.map((l) => `${l.id} ${l.name}`).join(" · "))))));
 }

@@ -1,4 +1,5 @@
-// Reports: metric cards, confusion matrix, per-class F1 (worst first), confused pairs, wrong predictions,
+// Reports: metric cards, the fine-tuned model beside the TF-IDF baseline (lift), calibration (ECE and the
+// reliability diagram), confusion matrix, per-class F1 (worst first), confused pairs, wrong predictions,
 // and two reports side by side.
 
 import { api, blobUrl } from "../api.js";
@@ -14,7 +15,54 @@ function metricCards(r, id) {
            card("Weighted F1", fmt.metric(m.weighted_f1), { tone: toneOf(m.weighted_f1), id: "weighted_f1" }),
            card("Unparseable", fmt.num(failed), { tone: failed ? "bad" : "good", id: "unparseable",
                                                   hint: `success rate ${fmt.pct(m.success_rate)}` }),
-           card("Dialogues", fmt.num(m.n_samples), { hint: `${fmt.num((m.seconds_per_sample || 0) * 1000, 0)} ms each · ${r.mode}` }));
+           card("Dialogues", fmt.num(m.n_samples), { hint: `${fmt.num((m.seconds_per_sample || 0) * 1000, 0)} ms each · ${r.mode}` }),
+           m.lift ? card("Macro-F1 lift", signed(m.lift.macro_f1), {
+             tone: m.lift.macro_f1 > 0 ? "good" : "bad", id: "macro_f1_lift",
+             hint: `over the TF-IDF baseline (${fmt.metric(m.baseline.macro_f1)})` }) : null,
+           m.ece != null ? card("ECE", fmt.metric(m.ece), { id: "ece", tone: m.ece < 0.1 ? "good" : m.ece < 0.25 ? "warn" : "bad",
+                                                         hint: "expected calibration error" }) : null);
+}
+
+function signed(value) {
+  return value == null ? "–" : `${value > 0 ? "+" : ""}${Number(value).toFixed(3)}`;
+}
+
+const LIFT_METRICS = [["Accuracy", "accuracy"], ["Macro-F1", "macro_f1"], ["Weighted F1", "weighted_f1"]];
+
+// The model and the TF-IDF + logistic-regression baseline trained on the model's training dataset, on the
+// same rows: did fine-tuning pay?
+function baselineTable(r, id) {
+  const m = r.metrics;
+  if (!m.baseline) {
+    return h("p", { class: "muted", id }, m.baseline_error || "No baseline in this report (made before baselines were added).");
+  }
+  const table = pagedTable([
+    { title: "Metric", render: (row) => row[0] },
+    { title: "Fine-tuned", num: true, render: (row) => fmt.metric(m[row[1]]) },
+    { title: "TF-IDF baseline", num: true, render: (row) => fmt.metric(m.baseline[row[1]]) },
+    { title: "Lift", num: true, render: (row) => {
+      const value = m.lift[row[1]];
+      return h("span", { class: value > 0 ? "delta-up" : value < 0 ? "delta-down" : "" }, signed(value));
+    } },
+  ], { id, pageSize: 5 });
+  table.setRows(LIFT_METRICS);
+  return h("div", {}, table.el,
+           h("p", { class: "small muted" }, `Baseline: character 1-3-gram TF-IDF + logistic regression, trained on `,
+             h("a", { href: `#/datasets/${m.baseline.train_dataset_id}` }, m.baseline.train_dataset_id),
+             ` (${fmt.num(m.baseline.n_train)} rows) in ${fmt.num(m.baseline.fit_seconds, 1)} s, scored on the same `
+             + `${fmt.num(m.baseline.n_samples)} dialogues.`));
+}
+
+function reliabilityImage(r, id) {
+  if (!r.reliability_diagram_url) {
+    return h("p", { class: "muted", id }, "Generated answers carry no probability: no calibration in this mode.");
+  }
+  const img = h("img", { class: "matrix", id, alt: `reliability diagram of ${r.id}` });
+  blobUrl(r.reliability_diagram_url).then((url) => { img.src = url; },
+                                          (error) => img.replaceWith(h("p", { class: "muted" }, error.describe())));
+  return h("div", {}, img, h("p", { class: "small muted" },
+    `Expected calibration error ${fmt.metric(r.metrics.ece)}: per confidence bin, how often the model was right `
+    + "against how sure it said it was (the diagonal is perfect calibration)."));
 }
 
 function toneOf(value) {
@@ -101,6 +149,7 @@ export async function list(container, ctx) {
     { title: "Accuracy", num: true, render: (r) => fmt.metric(r.summary.accuracy) },
     { title: "Macro-F1", num: true, render: (r) => fmt.metric(r.summary.macro_f1) },
     { title: "Weighted F1", num: true, render: (r) => fmt.metric(r.summary.weighted_f1) },
+    { title: "Macro-F1 lift", num: true, render: (r) => signed(r.summary.lift?.macro_f1) },
     { title: "Unparseable", num: true, render: (r) => fmt.num(r.summary.n_failed) },
     { title: "Created", render: (r) => h("span", { class: "nowrap" }, fmt.time(r.created_at)) },
   ], { id: "reports-table", pageSize: 20, onRowClick: (r) => { location.hash = `#/reports/${r.id}`; },
@@ -133,6 +182,9 @@ export async function detail(container, ctx, id) {
         }),
         metricCards(r, "report-cards"),
         h("div", { class: "grid grid-2" },
+          panel("Fine-tuned vs TF-IDF baseline", baselineTable(r, "baseline-lift")),
+          panel("Calibration", reliabilityImage(r, "reliability-diagram"))),
+        h("div", { class: "grid grid-2", style: { marginTop: "16px" } },
           panel("Per-class F1, worst first", perClassBars(r, "per-class-f1")),
           panel("Most confused pairs", confusedPairs(r, "confused-pairs"))),
         h("div", { class: "grid", style: { marginTop: "16px" } },
@@ -162,10 +214,11 @@ export async function compare(container, ctx, a, b) {
     { title: "Metric", render: (row) => row[0] },
     { title: a, num: true, render: (row) => fmt.metric(ra.metrics[row[1]]) },
     { title: b, num: true, render: (row) => fmt.metric(rb.metrics[row[1]]) },
-    { title: "Δ (B − A)", num: true, render: (row) => delta(rb.metrics[row[1]] - ra.metrics[row[1]]) },
+    { title: "Δ (B − A)", num: true, render: (row) => (rb.metrics[row[1]] == null || ra.metrics[row[1]] == null
+      ? "–" : delta(rb.metrics[row[1]] - ra.metrics[row[1]])) },
   ], { id: "compare-summary", pageSize: 10 });
   summary.setRows([["Accuracy", "accuracy"], ["Macro-F1", "macro_f1"], ["Weighted F1", "weighted_f1"],
-                   ["Success rate", "success_rate"]]);
+                   ["Success rate", "success_rate"], ["ECE (calibration)", "ece"]]);
   const perClass = pagedTable([
     { title: "Label", render: (c) => `${c.intent_id} · ${c.label}` },
     { title: "F1 A", num: true, render: (c) => c.f1.toFixed(3) },
