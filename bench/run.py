@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accuracy-steps", type=int, default=None, help="optimizer steps of the benchmark adapter")
     parser.add_argument("--classify-requests", type=int, default=None, help="dialogues per serving row")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows of the serving section")
+    parser.add_argument("--serving-vllm-only", action="store_true", help="'classify': only the vLLM rows")
+    parser.add_argument("--serving-adapter", type=Path, default=None,
+                        help="'classify': serve this adapter (a job's adapter/ folder) instead of training one")
     parser.add_argument("--no-mid-model", action="store_true", help="skip the mid-size random GLM-4 in 'train'")
     parser.add_argument("--dialogue-tokens", type=int, default=None,
                         help="'accuracy'/'quality': max_input_length = shared prefix + this many dialogue tokens")
@@ -251,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         pool = split.held_out if split is not None else sources[0].records
         n = sizes.classify_requests
         records, warmup_text = pool[:n], pool[n % len(pool)].dialogue if len(pool) > n else pool[-1].dialogue
+        if args.serving_adapter is not None:
+            from app.ml.train.trainer import finished_training
+
+            training = finished_training(args.serving_adapter.parent)
+            config = None
         if training is None or training.adapter_dir is None:
             from app.ml.train.config import resolve_training_config
             from bench.accuracy import train_bench_adapter
@@ -274,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
                                            device=args.device, progress=log)
         adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
                                    f"a LoRA adapter trained {training.steps} steps in this run",
-                                   max_input_length=config.max_input_length)
+                                   max_input_length=(config.max_input_length if config is not None else
+                                                     _trained_max_input_length(training.adapter_dir)))
         results["classify"] = run_serving_section(model_name, model_dir, records, warmup_text, label_set,
                                                   img_dir / f"{prefix}serving.png", work_dir, adapter=adapter,
                                                   device=args.device, progress=log,
                                                   vllm_skipped_by="--quick" if args.quick else
-                                                  "--no-vllm" if args.no_vllm else None)
+                                                  "--no-vllm" if args.no_vllm else None,
+                                                  vllm_only=args.serving_vllm_only)
 
     total = time.perf_counter() - began
     if args.update and out.is_file():
@@ -294,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     log(f"[bench] wrote {out} in {total:.0f} s")
     return 0
+
+
+def _trained_max_input_length(adapter_dir: Path) -> int | None:
+    from app.domain.artifacts import ADAPTER_METADATA_FILENAME
+
+    meta = json.loads((Path(adapter_dir) / ADAPTER_METADATA_FILENAME).read_text(encoding="utf-8"))
+    return (meta.get("training_config") or {}).get("max_input_length")
 
 
 def render(results: dict, environment, model_name: str, args: argparse.Namespace, total_seconds: float,

@@ -247,7 +247,7 @@ def _vllm_tokens_per_request(url: str, before: dict, after: dict, requests: int)
 def run_serving_section(base_model_name: str, base_model_dir: Path, records: list[Record], warmup_text: str,
                         label_set: LabelSet, plot_path: Path, work_dir: Path, *, adapter: AdapterUnderTest,
                         device: str | None = None, vllm_skipped_by: str | None = None,
-                        progress=print) -> SectionResult:
+                        vllm_only: bool = False, progress=print) -> SectionResult:
     from app.domain.prompt import format_answer, parse_answer
     from app.ml.infer.scoring import LabelScorer, render_prompt_ids
     from app.ml.models.loading import load_tokenizer
@@ -263,26 +263,27 @@ def run_serving_section(base_model_name: str, base_model_dir: Path, records: lis
 
     # In-process: one API with the micro-batcher, one held to a batch of one (the old lock's behaviour).
     batched_port, lock_port = _free_port(), _free_port()
-    api = start_api(service_dir, base_model_name, batched_port, work_dir / "serving-api.log", **device_settings)
-    try:
-        url = f"http://127.0.0.1:{batched_port}"
-        for name, payload in (("generate", {"mode": "generate"}),
-                              ("score, full answers", {"mode": "score", "strategy": "full"}),
-                              ("score, trie", {"mode": "score", "strategy": "trie"})):
-            run = EngineRun(name)
-            _measure(run, _api_caller(url, {"model": model, "top_k": 1, **payload}), texts, warmup_text, progress)
+    if not vllm_only:  # --serving-vllm-only: the vLLM rows alone (re-measured apart from the others)
+        api = start_api(service_dir, base_model_name, batched_port, work_dir / "serving-api.log", **device_settings)
+        try:
+            url = f"http://127.0.0.1:{batched_port}"
+            for name, payload in (("generate", {"mode": "generate"}),
+                                  ("score, full answers", {"mode": "score", "strategy": "full"}),
+                                  ("score, trie", {"mode": "score", "strategy": "trie"})):
+                run = EngineRun(name)
+                _measure(run, _api_caller(url, {"model": model, "top_k": 1, **payload}), texts, warmup_text, progress)
+                runs.append(run)
+        finally:
+            api.stop()
+        api = start_api(service_dir, base_model_name, lock_port, work_dir / "serving-api-lock.log",
+                        classify_max_batch_texts=1, **device_settings)
+        try:
+            run = EngineRun("score, trie, lock")
+            _measure(run, _api_caller(f"http://127.0.0.1:{lock_port}", {"model": model, "top_k": 1, "strategy": "trie"}),
+                     texts, warmup_text, progress)
             runs.append(run)
-    finally:
-        api.stop()
-    api = start_api(service_dir, base_model_name, lock_port, work_dir / "serving-api-lock.log",
-                    classify_max_batch_texts=1, **device_settings)
-    try:
-        run = EngineRun("score, trie, lock")
-        _measure(run, _api_caller(f"http://127.0.0.1:{lock_port}", {"model": model, "top_k": 1, "strategy": "trie"}),
-                 texts, warmup_text, progress)
-        runs.append(run)
-    finally:
-        api.stop()
+        finally:
+            api.stop()
 
     # Work per request, from the tokenizer (the same renderings the scorer and generation use).
     tokenizer = load_tokenizer(base_model_dir)
@@ -296,6 +297,9 @@ def run_serving_section(base_model_name: str, base_model_dir: Path, records: lis
     trie_extra = len(candidates.shared_ids) + len(candidates.trie.nodes)
     full_extra = len(candidates.shared_ids) + sum(len(rest) for rest in candidates.remaining) - len(candidates.remaining)
     by_name = {r.name: r for r in runs}
+    if vllm_only:
+        by_name = {name: EngineRun(name) for name in ("score, trie", "score, trie, lock", "score, full answers",
+                                                       "generate")}  # placeholders, not reported
     by_name["score, trie"].tokens_per_request = suffix + trie_extra
     by_name["score, trie"].tokens_note = f"{suffix:.0f} dialogue suffix + {trie_extra} (shared answer tokens + trie nodes)"
     by_name["score, trie, lock"].tokens_per_request = suffix + trie_extra
@@ -349,7 +353,9 @@ def run_serving_section(base_model_name: str, base_model_dir: Path, records: lis
                     server = None
                     if caller is None:
                         server = start_api(service_dir, base_model_name, api_port, work_dir / "serving-api-vllm.log",
-                                           inference_backend="vllm", vllm_url=vllm_url)
+                                           inference_backend="vllm", vllm_url=vllm_url,
+                                           # a CPU server shared with other work can take minutes per request
+                                           vllm_timeout_seconds=900)
                         call = _api_caller(f"http://127.0.0.1:{api_port}", {"model": model, "top_k": 1})
                     else:
                         call = caller()
@@ -379,6 +385,20 @@ def run_serving_section(base_model_name: str, base_model_dir: Path, records: lis
                 vllm.stop()
 
     return _render(runs, texts, suffix, vllm_note, adapter, label_set, plot_path, time.perf_counter() - began)
+
+
+def _doc_paragraphs() -> list[str]:
+    """This module's docstring after its first line, as markdown paragraphs (a bullet list stays one block)."""
+    out = []
+    for block in (__doc__ or "").split("\n\n")[1:]:
+        lines, merged = block.strip().splitlines(), []
+        for line in lines:
+            if line.startswith("- ") or not merged:
+                merged.append(line.strip())
+            else:
+                merged[-1] += " " + line.strip()
+        out.append("\n".join(merged))
+    return out
 
 
 def _render(runs: list[EngineRun], texts: list[str], suffix: float, vllm_note: str | None,
@@ -459,7 +479,7 @@ def _render(runs: list[EngineRun], texts: list[str], suffix: float, vllm_note: s
         f"Model: {adapter.description}, on {adapter.base_model}. {len(texts)} dialogues (held-out rows when "
         f"the CMCC-34 data is present), {len(label_set)} labels, one dialogue per request, top_k 1; each row "
         "got one warm-up request first (model / adapter load, prefix cache), not counted.",
-        *[line for line in (__doc__ or "").split("\n\n")[1].splitlines()],
+        *_doc_paragraphs(),
     ]
     return SectionResult(key="classify", title="3. Serving: generation, full-answer and trie scoring, "
                          "micro-batching, vLLM", intro=intro, tables=[table, target_table], plot=plot,
