@@ -55,6 +55,8 @@ class ConfigRun:
     error: str | None = None
 
 
+EVAL_BATCH = 2  # dialogues label-scored at once in the validation during training
+
 SHOWN = ("class_balance", "learning_rate", "lora_r", "lora_alpha", "per_device_train_batch_size",
          "gradient_accumulation_steps", "max_steps", "eval_every_steps", "max_input_length")
 
@@ -94,6 +96,14 @@ def train_one(split: Split, label_set: LabelSet, system_prompt: str, base_model_
         if kind in ("validation", "best_checkpoint", "class_balance", "early_stopped"):
             progress(f"[quality] {config.name}: {message}")
 
+    # Validation scores 34 candidate answers per dialogue with full-vocabulary logits: at its default batch
+    # of 8 dialogues the process was OOM-killed on the shared 23.5 GiB machine; score 2 at a time.
+    import functools
+
+    from app.ml.train import validation
+
+    scorer = validation.score_accuracy_macro_f1
+    validation.score_accuracy_macro_f1 = functools.partial(scorer, batch_size=EVAL_BATCH)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log dicts on stdout
             training = train_adapter(base_model_dir=base_model_dir, base_model_name=base_model_name,
@@ -104,6 +114,8 @@ def train_one(split: Split, label_set: LabelSet, system_prompt: str, base_model_
     except Exception as exc:  # noqa: BLE001 - the section reports what it could not measure
         run.error = f"{type(exc).__name__}: {exc}"
         return run
+    finally:
+        validation.score_accuracy_macro_f1 = scorer
     run.train_seconds, run.steps, run.final_loss = training.train_runtime_s, training.steps, training.final_loss
     run.curve = [{"step": e["step"], "samples": e["step"] * run.batch, "accuracy": e["accuracy"],
                   "macro_f1": e["macro_f1"]} for e in training.validation_history]
