@@ -75,7 +75,8 @@ def score_accuracy_macro_f1(model, tokenizer, system_prompt: str, label_set: Lab
     try:
         scorer = LabelScorer(model, tokenizer, system_prompt, label_set, max_input_length=max_input_length)
         with torch.no_grad():
-            scores = scorer.score([r.dialogue for r in records], batch_size=batch_size)
+            # The trie: the dialogue and a few label tokens per text, what /classify answers with by default.
+            scores = scorer.score([r.dialogue for r in records], batch_size=batch_size, answers="trie")
     finally:
         if was_training:
             model.train()
