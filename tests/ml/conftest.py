@@ -36,3 +36,25 @@ def make_random_lora_adapter(base_dir, out_dir, seed: int, scale: float = 0.5):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+# The tiny model as loaded for scoring tests, plain and with a random LoRA adapter (a module's own copy).
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    from app.ml.models.loading import load_base_model
+
+    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
+    return loaded.model, loaded.tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a random LoRA adapter, as served: a peft model in eval mode."""
+    from peft import PeftModel
+
+    from app.ml.models.loading import load_base_model
+
+    adapter = make_random_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=1)
+    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
+    model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
+    return model, loaded.tokenizer

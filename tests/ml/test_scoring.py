@@ -18,7 +18,6 @@ from app.ml.infer.scoring import (
     render_prompt_ids,
 )
 from app.ml.text.encoding import shared_prefix_ids
-from tests.ml.conftest import make_random_lora_adapter
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
 # Different lengths (padding inside a batch) and openings (BPE merges at the prefix boundary).
@@ -33,29 +32,6 @@ ATOL, RTOL = 1e-4, 1e-5  # fp32; scores are sums of ~10 log-probs of magnitude ~
 # The no-cache reference costs one full forward per (text, label): check a spread of labels
 # (short and long answers, first and last ids) rather than all 34.
 REF_COLUMNS = [0, 1, 7, 8, 15, 20, 29, 33]
-
-
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    from app.ml.models.loading import load_base_model
-
-    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
-    return loaded.model, loaded.tokenizer
-
-
-@pytest.fixture(scope="module")
-def adapted(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a random LoRA adapter, as served: a peft model in eval mode."""
-    from peft import PeftModel
-
-    from app.ml.models.loading import load_base_model
-
-    adapter = make_random_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=1)
-    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
-    model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
-    return model, loaded.tokenizer
 
 
 def reference_scores(model, tokenizer, texts, label_set, columns=REF_COLUMNS) -> torch.Tensor:

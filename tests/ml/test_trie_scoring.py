@@ -13,7 +13,6 @@ from app.domain.labels import LabelSet
 from app.domain.prompt import build_system_prompt
 from app.ml.infer.scoring import LabelScorer, label_distribution, render_prompt_ids
 from app.ml.infer.trie import LabelTrie
-from tests.ml.conftest import make_random_lora_adapter
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
 TEXTS = [
@@ -64,25 +63,6 @@ def test_chains_are_forced_steps():
 def test_trie_refuses_an_answer_that_starts_another():
     with pytest.raises(ValueError):
         LabelTrie.build([(1, 2), (1, 2, 3)])
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    from app.ml.models.loading import load_base_model
-
-    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
-    return loaded.model, loaded.tokenizer
-
-
-@pytest.fixture(scope="module")
-def adapted(tiny_model_dir, tmp_path_factory):
-    from peft import PeftModel
-
-    from app.ml.models.loading import load_base_model
-
-    adapter = make_random_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("trie-adapter"), seed=3)
-    loaded = load_base_model(tiny_model_dir, quantization="none", device="cpu")
-    return PeftModel.from_pretrained(loaded.model, str(adapter)).eval(), loaded.tokenizer
 
 
 # Multi-token ids on the tiny tokenizer: a trie with inner nodes, some of them chained (non-branching).
