@@ -9,6 +9,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# Dialogues of different lengths (padding inside a batch) and openings (BPE merges at the prefix boundary).
+SCORING_TEXTS = [
+    "您好请讲[SEP]我要开通流量包",
+    "喂[SEP]您好[SEP]帮我查一下这个月的话费为什么扣了五十八块钱还有那个彩铃我也没订过",
+    "A",
+    "您好请讲[SEP]宽带老是断网[SEP]请问是哪个小区[SEP]学校宿舍",
+    "取消",
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Glm4ForCausalLM + GLM-4-style tokenizer (app.ml.models.tiny); read-only for tests."""

@@ -18,16 +18,10 @@ from app.ml.infer.scoring import (
     render_prompt_ids,
 )
 from app.ml.text.encoding import shared_prefix_ids
+from tests.ml.conftest import SCORING_TEXTS
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
-# Different lengths (padding inside a batch) and openings (BPE merges at the prefix boundary).
-TEXTS = [
-    "您好请讲[SEP]我要开通流量包",
-    "喂[SEP]您好[SEP]帮我查一下这个月的话费为什么扣了五十八块钱还有那个彩铃我也没订过",
-    "A",
-    "您好请讲[SEP]宽带老是断网[SEP]请问是哪个小区[SEP]学校宿舍",
-    "取消",
-]
+TEXTS = SCORING_TEXTS
 ATOL, RTOL = 1e-4, 1e-5  # fp32; scores are sums of ~10 log-probs of magnitude ~10
 # The no-cache reference costs one full forward per (text, label): check a spread of labels
 # (short and long answers, first and last ids) rather than all 34.

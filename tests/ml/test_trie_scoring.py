@@ -13,15 +13,10 @@ from app.domain.labels import LabelSet
 from app.domain.prompt import build_system_prompt
 from app.ml.infer.scoring import LabelScorer, label_distribution, render_prompt_ids
 from app.ml.infer.trie import LabelTrie
+from tests.ml.conftest import SCORING_TEXTS
 
 SYSTEM_PROMPT = build_system_prompt(CMCC34_LABEL_SET)
-TEXTS = [
-    "您好请讲[SEP]我要开通流量包",
-    "喂[SEP]您好[SEP]帮我查一下这个月的话费为什么扣了五十八块钱还有那个彩铃我也没订过",
-    "A",
-    "您好请讲[SEP]宽带老是断网[SEP]请问是哪个小区[SEP]学校宿舍",
-    "取消",
-]
+TEXTS = SCORING_TEXTS
 
 
 def test_trie_of_synthetic_answers():
