@@ -94,7 +94,9 @@ _ALLOWED = {
     "app.core": set(),
     "app.ml.models": {"app.domain", "app.data"},
     "app.ml.text": {"app.domain"},
-    "app.ml.train": {"app.domain", "app.data", "app.core", "app.ml.models", "app.ml.text", "app.ml.eval"},
+    # train -> infer: a linear head is fitted on the features serving computes (LabelScorer.features)
+    "app.ml.train": {"app.domain", "app.data", "app.core", "app.ml.models", "app.ml.text", "app.ml.eval",
+                     "app.ml.infer"},
     "app.ml.infer": {"app.domain", "app.core", "app.ml.models", "app.ml.text"},
     "app.ml.eval": {"app.domain", "app.data", "app.ml.models", "app.ml.infer"},
 }

@@ -66,7 +66,6 @@ def score_accuracy_macro_f1(model, tokenizer, system_prompt: str, label_set: Lab
     in the truth or the predictions.
     """
     import torch
-    from sklearn.metrics import accuracy_score, f1_score
 
     from app.ml.infer.scoring import LabelScorer
 
@@ -81,8 +80,13 @@ def score_accuracy_macro_f1(model, tokenizer, system_prompt: str, label_set: Lab
         if was_training:
             model.train()
     ids = scorer.candidates.label_ids
-    y_pred = [ids[int(i)] for i in scores.argmax(dim=-1).tolist()]
-    y_true = [r.label_id for r in records]
+    return accuracy_macro_f1([r.label_id for r in records], [ids[int(i)] for i in scores.argmax(dim=-1).tolist()])
+
+
+def accuracy_macro_f1(y_true: list[int], y_pred: list[int]) -> tuple[float, float]:
+    """Accuracy and macro-F1 over the classes present in the truth or the predictions (as the reports)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     present = sorted(set(y_true) | set(y_pred))
     return (float(accuracy_score(y_true, y_pred)),
             float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)))

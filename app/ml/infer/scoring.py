@@ -52,6 +52,7 @@ import torch
 from app.domain.labels import LabelSet
 from app.domain.prompt import format_answer
 from app.ml.infer.trie import LabelTrie
+from app.ml.models.linear_head import LinearHead
 from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
 from app.ml.text.encoding import (
     assistant_turn,
@@ -278,12 +279,17 @@ class LabelScorer:
         max_input_length: int | None = None,
         label_pass: LabelPass = "auto",
         max_padding: float = 0.25,
+        head: LinearHead | None = None,
     ):
         self.model = model
+        # A model trained with a linear head (app.ml.models.linear_head) is scored by it, not by its answers.
+        self.head = head
         self.max_padding = max_padding
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
+        if self.head is not None and self.head.label_ids != self.candidates.label_ids:
+            self.head = self.head.aligned(self.candidates.label_ids)
         if strategy is None:
             sliding = has_sliding_attention(unwrap_causal_lm(model).config.get_text_config())
             strategy = "full" if sliding else "prefix_cache"
@@ -330,6 +336,8 @@ class LabelScorer:
             raise ValueError(f"unknown answer scoring '{answers}' (use {' or '.join(ANSWER_SCORINGS)})")
         if not texts:
             return torch.zeros((0, len(self.candidates.label_ids)))
+        if self.head is not None:
+            return self.head.log_probs(self.features(texts, batch_size=batch_size))
         prompts = [render_prompt_ids(self.tokenizer, self.system_prompt, t, self.max_input_length) for t in texts]
         self._ensure_ready(prompts[0])
         # Batches of similar lengths waste less on padding; results go back to the callers' order.
@@ -341,6 +349,58 @@ class LabelScorer:
             for chunk in _length_chunks(order, lengths, batch_size, self.max_padding):
                 out[chunk] = self._score_batch([prompts[i] for i in chunk], answers)
         return out
+
+    def features(self, texts: list[str], *, batch_size: int = 8) -> torch.Tensor:
+        """One vector per text for a linear head: the final hidden state averaged over the text's tokens after
+        the shared system prompt (user turn, assistant header and the tokens every answer starts with), read
+        with the system prompt before it. A float32 [n_texts, hidden] CPU tensor.
+
+        The mean over the dialogue rather than the last position: on held-out CMCC-34 rows with the 0.5B
+        embedded model a logistic regression on the mean scored macro-F1 0.29 against 0.21 on the last
+        position and 0.22 for TF-IDF (5-fold, docs/benchmarks.md §5).
+        """
+        if not texts:
+            return torch.zeros((0, 0))
+        prompts = [render_prompt_ids(self.tokenizer, self.system_prompt, t, self.max_input_length) for t in texts]
+        self._ensure_ready(prompts[0])
+        prefix_ids = shared_prefix_ids(self.tokenizer, self.system_prompt)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        lengths = [max(1, len(p) - len(prefix_ids)) for p in prompts]
+        rows: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for chunk in _length_chunks(order, lengths, batch_size, self.max_padding):
+                for i, vector in zip(chunk, self._features_batch([prompts[i] for i in chunk], prefix_ids)):
+                    rows[i] = vector
+        return torch.stack([rows[i] for i in range(len(prompts))])
+
+    def _features_batch(self, prompts: list[list[int]], prefix_ids: list[int]) -> torch.Tensor:
+        shared = list(self.candidates.shared_ids)
+        cached = self._prefix if self.strategy == "prefix_cache" else None
+        if cached is not None and all(cached.matches(ids) for ids in prompts):
+            plen = cached.length
+            seqs = [ids[plen:] + shared for ids in prompts]
+            starts = [0] * len(prompts)
+        else:  # no usable cache: the whole prompt runs, the pooled span starts after the prefix all the same
+            cached, plen = None, 0
+            seqs = [ids + shared for ids in prompts]
+            starts = [len(prefix_ids) if ids[: len(prefix_ids)] == prefix_ids and len(ids) > len(prefix_ids) else 0
+                      for ids in prompts]
+        ids, mask = pad_rows(seqs, self.pad_id, device=self.device)
+        batch = len(prompts)
+        kwargs = {}
+        if cached is not None:
+            kwargs = dict(past_key_values=cached.expanded(batch), use_cache=True,
+                          attention_mask=torch.cat([torch.ones((batch, plen), dtype=torch.long, device=self.device),
+                                                    mask], dim=1),
+                          position_ids=plen + torch.arange(ids.shape[1], device=self.device).expand(batch, -1))
+        else:
+            kwargs = dict(attention_mask=mask)
+        hidden = self._head.decoder(input_ids=ids, **kwargs).last_hidden_state.float()
+        span = mask.clone()
+        for row, start in enumerate(starts):
+            span[row, :start] = 0
+        span = span.to(hidden.dtype)[:, :, None]
+        return ((hidden * span).sum(1) / span.sum(1)).cpu()
 
     def tokens_run(self, texts: list[str], answers: AnswerScoring = "full") -> list[int]:
         """Tokens each text costs beyond the cached system prompt (for benchmarks): its suffix + label tokens."""

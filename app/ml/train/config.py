@@ -37,6 +37,14 @@ class TrainingConfig(BaseModel):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype of the matmuls: auto = bfloat16 on a GPU that has it, else float32")
 
+    head: Literal["lm", "linear"] = Field(
+        "lm", description="lm: a LoRA adapter learns to write the answer, served by label scoring or generation; "
+        "linear: a linear classification head (logistic regression) on the frozen base model's hidden states, "
+        "one forward per dialogue and no LoRA: the CPU recipe that learns real data in minutes "
+        "(app.ml.train.linear_head; the lora_*, learning-rate and step fields do not apply)")
+    head_c: float = Field(0.05, gt=0, le=1e6, description="linear head: inverse L2 strength of the logistic "
+                          "regression (scikit-learn's C; smaller = stronger regularisation)")
+
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank")
     lora_alpha: int = Field(64, ge=1, le=16384, description="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input")

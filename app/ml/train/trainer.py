@@ -92,11 +92,14 @@ class TrainingHooks:
       ``eval_every_steps``), "early_stopped", "best_checkpoint".
     - ``should_stop()`` polled after every optimizer step (and before training starts): True
       cancels the run within one step; checkpoints are kept, no adapter is written.
+    - ``on_progress(progress)``: progress of work before any step (a linear head reading its
+      dialogues: phase, features_done, features_total, eta_seconds).
     """
 
     on_log: Callable[[dict], None] = _noop
     on_event: Callable[[str, str, dict], None] = _noop
     should_stop: Callable[[], bool] = _never
+    on_progress: Callable[[dict], None] = _noop
 
 
 @dataclass
@@ -434,7 +437,8 @@ def train_adapter(
     device: str | None = None,
     validation_records: list[Record] | None = None,
 ) -> TrainingResult:
-    """Train a LoRA adapter on ``records`` and save it under ``job_dir/adapter`` (see the module docstring).
+    """Train a LoRA adapter on ``records`` and save it under ``job_dir/adapter`` (see the module docstring);
+    with ``config.head == "linear"`` a linear head on the frozen model instead (``app.ml.train.linear_head``).
 
     Resumes from ``job_dir/checkpoints`` when a checkpoint exists. Raises on bad input (an empty
     dataset, a label outside ``label_set``, a prompt longer than ``max_input_length``).
@@ -451,6 +455,12 @@ def train_adapter(
         hooks.on_event("training_done", f"training already finished at step {done.steps}; its adapter is kept, "
                        "nothing is trained again", {"step": done.steps, "adapter_dir": str(done.adapter_dir)})
         return done
+    if config.head == "linear":
+        from app.ml.train.linear_head import train_linear_head
+
+        return train_linear_head(base_model_dir=base_model_dir, base_model_name=base_model_name, records=records,
+                                 label_set=label_set, system_prompt=system_prompt, config=config, job_dir=job_dir,
+                                 hooks=hooks, device=device, validation_records=validation_records)
     if not records:
         raise ValueError("no training records")
     pairs = _answers(records, label_set)
