@@ -125,6 +125,8 @@ class FineTunedModel(Base):
     quantization: Mapped[str] = mapped_column(String(20))  # as trained: the base is served the same way
     # Dialogues are cut to this many prompt tokens in training, and so in serving (None: the serving limit).
     max_input_length: Mapped[int | None] = mapped_column(Integer)
+    # "lm": a LoRA adapter, scored by its answers; "linear": a linear head on the frozen base (app.ml.models.linear_head)
+    head: Mapped[str] = mapped_column(String(20), default="lm", server_default="lm")
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

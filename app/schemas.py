@@ -159,6 +159,10 @@ class Progress(BaseModel):
     epoch: float | None = None
     done: int | None = Field(None, description="evaluation jobs: samples done")
     total: int | None = Field(None, description="evaluation jobs: samples in all")
+    phase: str | None = Field(None, description="linear-head training: the dialogues being read ('training set', "
+                              "'validation set')")
+    features_done: int | None = Field(None, description="linear-head training: dialogues of that phase read")
+    features_total: int | None = Field(None, description="linear-head training: dialogues of that phase in all")
 
 
 class JobError(BaseModel):
@@ -244,6 +248,8 @@ class FineTunedModelOut(BaseModel):
     quantization: str = Field(description="as trained; the base model is served the same way")
     max_input_length: int | None = Field(None, description="dialogues are cut to this many prompt tokens, as in "
                                          "training (None: the serving limit)")
+    head: Literal["lm", "linear"] = Field("lm", description="lm: a LoRA adapter scored by its answers (or "
+                                          "generating them); linear: a linear head on the frozen base model")
     labels: list[LabelOut] = Field(validation_alias=AliasChoices("labels", "label_set"))
     metrics: dict[str, Any]
     created_at: UtcDateTime

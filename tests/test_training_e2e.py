@@ -94,6 +94,43 @@ def test_4bit_qlora_job_on_cpu_through_the_api(client, settings):
     assert client.get(f"/reports/{job['report_id']}").json()["metrics"]["success_rate"] == 1.0
 
 
+def test_linear_head_job_through_the_api(client, settings):
+    """head "linear": features from the frozen base, a logistic regression, served by /classify in score mode;
+    the model row says so, generation is refused up front, the report has its baseline."""
+    from workers.worker import Worker
+
+    train_id, val_id = make_datasets(client, per_label_train=4, labels=4)
+    refused = client.post("/jobs", json={"dataset_id": train_id, "base_model": "tiny-glm4", "config": "tiny_test",
+                                         "hyperparameters": {"head": "linear"}, "resources": {"processes": 2}})
+    assert refused.status_code == 422 and refused.json()["detail"]["field"] == "resources"
+    job = client.post("/jobs", json={"dataset_id": train_id, "validation_dataset_id": val_id,
+                                     "base_model": "tiny-glm4", "config": "tiny_test",
+                                     "hyperparameters": {"head": "linear", "eval_every_steps": 1}}).json()
+    assert Worker(settings).run_forever(exit_when_idle=True) == 1
+
+    job = client.get(f"/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    progress = job["progress"]
+    assert progress["phase"] == "validation set" and progress["features_done"] == progress["features_total"] == 4
+    events = client.get(f"/jobs/{job['id']}/events").json()
+    kinds = [e["kind"] for e in events]
+    assert "features" in kinds and "validation" in kinds and kinds[-1] == "succeeded"
+    model = client.get(f"/models/{job['model_id']}").json()
+    assert model["head"] == "linear" and model["metrics"]["head"] == "linear"
+    report = client.get(f"/reports/{job['report_id']}").json()
+    assert report["metrics"]["n_samples"] == 4 and "baseline" in report["metrics"]
+
+    answer = client.post("/classify", json={"model": job["model_id"], "texts": ["您好请讲[SEP]我要开通流量包"]})
+    assert answer.status_code == 200, answer.text
+    prediction = answer.json()["predictions"][0]
+    assert prediction["intent_id"] in {lab["id"] for lab in model["labels"]}
+    assert sum(t["score"] for t in prediction["top_k"]) <= 1.0 + 1e-6
+    generated = client.post("/classify", json={"model": job["model_id"], "texts": ["取消"], "mode": "generate"})
+    assert generated.status_code == 422 and "score mode only" in generated.json()["detail"]["message"]
+    evaluation = client.post("/evaluations", json={"model": job["model_id"], "dataset_id": val_id, "mode": "generate"})
+    assert evaluation.status_code == 422 and evaluation.json()["detail"]["field"] == "mode"
+
+
 def _legacy_jsonl(per_label: int, labels: int) -> bytes:
     """The old upstream format: instruction template pasted into each user message, 2 messages."""
     from app.domain.cmcc34 import CMCC34_LABELS

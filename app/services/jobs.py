@@ -44,10 +44,14 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
         raise UnprocessableError(f"{first['msg']}", field=field) from None
     _check_limits(training_config, dataset.n_rows, settings)
     _check_validation_options(training_config, validation_dataset_id)
+    resources = resources or JobResources()
+    if training_config.head == "linear" and ((resources.gpus or 1) > 1 or (resources.processes or 1) > 1):
+        raise UnprocessableError("a linear head trains in one process: resources.gpus / processes must be 1",
+                                 field="resources")
     base = base_model or recipe_base_model or settings.default_base_model
     _check_base_model(base, settings, from_config=None if base_model else config_name)
-    _check_target_modules(base, training_config, settings)
-    resources = resources or JobResources()
+    if training_config.head == "lm":  # a linear head wraps no module
+        _check_target_modules(base, training_config, settings)
     job = Job(
         id=new_id("job"), kind="train", status="queued", dataset_id=dataset.id,
         validation_dataset_id=validation_dataset_id, base_model=base, config_name=config_name,
@@ -119,6 +123,9 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
     ref = resolve_model_ref(session, settings, model, labels=dataset.label_set)
     check_labels_match(ref.label_set.to_pairs(), dataset.label_set, field="dataset_id",
                        known_as=f"model '{model}'", given_as=f"dataset '{dataset.id}'")
+    if mode == "generate" and ref.head != "lm":
+        raise UnprocessableError(f"model '{model}' classifies with a linear head: it answers in score mode only",
+                                 field="mode")
     job = Job(id=new_id("job"), kind="evaluate", status="queued", dataset_id=dataset.id, target_model_id=model,
               params={"mode": mode}, hyperparameters={}, progress={})
     if claimed_by:

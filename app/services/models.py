@@ -97,12 +97,18 @@ def adapter_model_ref(settings: Settings, model: FineTunedModel):
         # dialogues are cut at serving exactly as they were in training (a recipe without a limit: the
         # serving limit)
         max_input_length=model.max_input_length or settings.classify_max_input_length,
+        head=model.head or "lm",
     )
 
 
 def _mtime(path: Path) -> int:
-    weights = path / "adapter_model.safetensors"
-    return int(weights.stat().st_mtime_ns) if weights.exists() else 0
+    from app.ml.models.linear_head import LINEAR_HEAD_FILENAME
+
+    for name in ("adapter_model.safetensors", LINEAR_HEAD_FILENAME):
+        weights = path / name
+        if weights.exists():
+            return int(weights.stat().st_mtime_ns)
+    return 0
 
 
 def planned_model_id(session: Session, job: Job) -> str:
@@ -114,7 +120,7 @@ def planned_model_id(session: Session, job: Job) -> str:
 
 def adapter_row(settings: Settings, *, base_model: str, adapter_dir: Path, label_set: list, system_prompt: str,
                 quantization: str, max_input_length: int | None, metrics: dict | None = None,
-                job: Job | None = None, model_id: str | None = None, name: str | None = None,
+                head: str = "lm", job: Job | None = None, model_id: str | None = None, name: str | None = None,
                 dataset_id: str | None = None, session: Session | None = None) -> FineTunedModel:
     """The model row of an adapter folder, not added to any session. A training job's adapter gets the
     job's planned id; its folder is stored relative to DATA_DIR (moving DATA_DIR keeps every row valid)."""
@@ -126,7 +132,7 @@ def adapter_row(settings: Settings, *, base_model: str, adapter_dir: Path, label
         job_id=job.id if job is not None else None, dataset_id=dataset_id,
         adapter_path=settings.stored_path(adapter_dir), label_set=[list(pair) for pair in label_set],
         system_prompt=system_prompt, quantization=quantization, max_input_length=max_input_length,
-        metrics=metrics or {},
+        head=head, metrics=metrics or {},
     )
 
 

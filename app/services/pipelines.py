@@ -214,7 +214,9 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool], class
                "is kept, nothing is trained again", {"step": result.steps, "adapter_dir": str(result.adapter_dir)})
     else:
         try:
-            plan = plan_processes(job.resources, visible_gpus(settings.device))
+            gpus = visible_gpus(settings.device)
+            # a linear head is one forward per dialogue in one process: one GPU of those the worker sees
+            plan = plan_processes(job.resources, gpus[:1] if config.head == "linear" else gpus)
         except TrainingProcessError as exc:
             raise JobFailure(exc.code, str(exc)) from None
         base_dir = _resolve_base_model(settings, job.base_model, job.id)  # prepared here once, not by every rank
@@ -237,7 +239,7 @@ def run_training(settings: Settings, job, should_stop: Callable[[], bool], class
         queue.set_progress(session, job.id, {"step": result.steps})
         model = dict(base_model=job.base_model, adapter_dir=result.adapter_dir, label_set=label_set.to_pairs(),
                      system_prompt=system_prompt, quantization=result.quantization,
-                     max_input_length=config.max_input_length,
+                     max_input_length=config.max_input_length, head=config.head,
                      metrics={"final_loss": result.final_loss, "steps": result.steps,
                               "train_runtime_s": result.train_runtime_s, **result.metrics})
         # The row the model will have; stored only with the job's success (complete_job).

@@ -271,7 +271,11 @@ def _rank_hooks(settings: Settings, spec: dict, rank: int, stop_file: Path):
             add_event(session, job_id, kind, message, data)
         log.info("[%s] %s: %s", job_id, kind, message)
 
-    return TrainingHooks(on_log=on_log, on_event=on_event, should_stop=should_stop)
+    def on_progress(progress: dict) -> None:
+        with session_scope(settings) as session:
+            queue.set_progress(session, job_id, progress, worker_id=worker_id)
+
+    return TrainingHooks(on_log=on_log, on_event=on_event, should_stop=should_stop, on_progress=on_progress)
 
 
 def _train_rank(spec: dict, run_dir: Path, rank: int, local_rank: int, world: int):

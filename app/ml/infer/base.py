@@ -54,6 +54,9 @@ class ModelRef:
     quantization: str = "auto"
     # Prompt tokens at most, as in training (TrainingConfig.max_input_length); None = no truncation.
     max_input_length: int | None = None
+    # "lm": the adapter (or base) scores the label set's answers; "linear": a linear head in adapter_dir
+    # reads the frozen base model's hidden states (app.ml.models.linear_head)
+    head: str = "lm"
 
     def __post_init__(self):
         object.__setattr__(self, "base_model_dir", Path(self.base_model_dir))

@@ -7,7 +7,8 @@
   ``app.ml.infer.scoring``, prefix computed once) or by free generation (``mode="generate"``: the upstream
   baseline, ``app.ml.infer.generation``).
 - ``ClassifierRegistry`` keeps classifiers ready: each base model is loaded once and every adapter
-  on it is a named peft adapter of that one model (``load_adapter`` / ``set_adapter`` /
+  on it is a named peft adapter of that one model (a linear-head model, ``ModelRef.head == "linear"``,
+  is the plain base model with its head, ``app.ml.models.linear_head``) (``load_adapter`` / ``set_adapter`` /
   ``delete_adapter``), least recently used ones evicted beyond ``max_adapters``. Requests on one
   base model go through its ``MicroBatcher`` (``app.ml.infer.batching``): concurrent requests on the
   same adapter share forwards, requests on different adapters run one after the other ("activate my
@@ -31,6 +32,8 @@ import torch
 from app.domain.labels import LabelSet
 from app.ml.infer.base import (  # noqa: F401 - re-exported: the classifier's public types
     MODES,
+    AdapterUnavailableError,
+    UnsupportedRequestError,
     Mode,
     ModelRef,
     Prediction,
@@ -39,6 +42,7 @@ from app.ml.infer.base import (  # noqa: F401 - re-exported: the classifier's pu
 )
 from app.ml.infer.batching import MicroBatcher
 from app.ml.infer.generation import DEFAULT_MAX_NEW_TOKENS, generate_answers
+from app.ml.models.linear_head import LinearHead
 from app.ml.infer.scoring import ANSWER_SCORINGS, AnswerScoring, LabelScorer, label_distribution, render_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -131,13 +135,14 @@ class IntentClassifier:
     and detaches again (slow, but never another adapter's answers).
     """
 
-    def __init__(self, ref: ModelRef, slot: _BaseModelSlot, adapter_name: str | None):
+    def __init__(self, ref: ModelRef, slot: _BaseModelSlot, adapter_name: str | None, head: LinearHead | None = None):
         self.ref = ref
         self._slot = slot
         self._adapter_name = adapter_name
         self._evicted = False
         self._scorer = LabelScorer(
-            slot.model, slot.tokenizer, ref.system_prompt, ref.label_set, max_input_length=ref.max_input_length
+            slot.model, slot.tokenizer, ref.system_prompt, ref.label_set, max_input_length=ref.max_input_length,
+            head=head,
         )
 
     @property
@@ -174,6 +179,9 @@ class IntentClassifier:
             raise ValueError(f"unknown strategy '{strategy}' (use {' or '.join(ANSWER_SCORINGS)})")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if mode == "generate" and self._scorer.head is not None:
+            raise UnsupportedRequestError(f"model '{self.ref.key}' classifies with a linear head: it answers in "
+                                          "score mode only (it was never trained to write answers)")
         group = (id(self), mode, strategy if mode == "score" else None, max_new_tokens if mode == "generate" else None)
 
         def run(batch: list[str]) -> list:
@@ -286,11 +294,16 @@ class ClassifierRegistry:
             base_key = (str(ref.base_model_dir.resolve()), ref.quantization)
             slot = self._base(base_key, ref)
             check_prompt_fits(slot.tokenizer, ref)
-            name = None
-            if ref.adapter_dir is not None:
+            name, head = None, None
+            if ref.head == "linear":  # the frozen base model (no adapter) and a head read from the model's folder
+                try:
+                    head = LinearHead.load(ref.adapter_dir)
+                except (OSError, ValueError, KeyError) as exc:
+                    raise AdapterUnavailableError(f"the linear head of '{ref.key}' cannot be read: {exc}") from None
+            elif ref.adapter_dir is not None:
                 name = f"adapter_{next(self._names)}"
                 slot.attach(name, ref.adapter_dir)
-            classifier = IntentClassifier(ref, slot, name)
+            classifier = IntentClassifier(ref, slot, name, head)
             self._entries[ref.key] = _Entry(classifier, base_key)
             self._loads += 1
             while len(self._entries) > self.max_adapters:

@@ -193,6 +193,10 @@ class VLLMBackend(InferenceBackend):
     def classify(self, ref: ModelRef, texts: list[str], *, top_k: int = 5, mode: Mode = "score",
                  strategy: Strategy = "trie", batch_size: int = 8) -> list[Prediction]:
         kind = "base" if ref.adapter_dir is None else "lora"
+        if ref.head != "lm":
+            raise UnsupportedRequestError(f"model '{ref.key}' classifies with a linear head on the base model's "
+                                          "hidden states, which this backend does not compute: serve it in-process "
+                                          "(INFERENCE_BACKEND=hf)")
         if mode == "score" and strategy != "trie":
             raise UnsupportedRequestError(f"strategy '{strategy}' runs in-process only; the vLLM backend "
                                           "scores by the label trie (strategy 'trie')")

@@ -19,6 +19,10 @@ const HYPERPARAMETERS = [
   ["eval_max_samples", "Validation sample", "int", "dialogues scored each time"],
   ["early_stopping_patience", "Early stopping", "int", "evaluations without a better macro-F1; 0: off"],
 ];
+const HEADS = [
+  ["lm", "LoRA adapter: learns to write the intent (label scoring, generation)"],
+  ["linear", "linear head on the frozen base: one forward per dialogue (CPU recipe)"],
+];
 const CLASS_BALANCE = [
   ["none", "none: as in the data"],
   ["sqrt", "sqrt: rare intents drawn more often"],
@@ -43,6 +47,11 @@ export function jobPhase(job, evalClock) {
     const eta = evalClock ? evalClock(p.done, p.total) : null;
     const label = job.kind === "train" ? "Evaluating the validation set" : "Evaluating";
     return { fraction: p.done / p.total, text: `${label}: ${fmt.num(p.done)} / ${fmt.num(p.total)} dialogues`, eta };
+  }
+  if (p.features_total && !p.max_steps) {
+    return { fraction: p.features_done / p.features_total,
+             text: `Reading the ${p.phase || "dialogues"}: ${fmt.num(p.features_done)} / ${fmt.num(p.features_total)} dialogues`,
+             eta: job.status === "running" ? p.eta_seconds : null };
   }
   if (p.max_steps) {
     return { fraction: (p.step || 0) / p.max_steps, text: `Training: step ${p.step ?? 0} / ${p.max_steps}`,
@@ -96,6 +105,7 @@ async function createForm(onCreated) {
   })]));
   const classBalance = h("select", { id: "hp-class_balance", name: "class_balance" },
                         CLASS_BALANCE.map(([value, text]) => h("option", { value }, text)));
+  const head = h("select", { id: "hp-head", name: "head" }, HEADS.map(([value, text]) => h("option", { value }, text)));
   const error = h("div");
 
   const currentRecipe = () => recipes.find((r) => r.name === recipe.value);
@@ -103,6 +113,7 @@ async function createForm(onCreated) {
     const r = currentRecipe();
     for (const [key] of HYPERPARAMETERS) inputs[key].value = r?.hyperparameters[key] ?? "";
     classBalance.value = r?.hyperparameters.class_balance ?? "none";
+    head.value = r?.hyperparameters.head ?? "lm";
     clear(baseModel,
           h("option", { value: "" }, `the recipe's${r?.base_model ? ` (${r.base_model})` : ""}`),
           models.base_models.map((m) => h("option", { value: m.name, disabled: !m.available },
@@ -131,6 +142,9 @@ async function createForm(onCreated) {
                  h("div", { class: "row" }, HYPERPARAMETERS.map(([key, title, , hint]) =>
                    h("div", {}, h("label", { for: `hp-${key}` }, title), inputs[key],
                      hint ? h("div", { class: "field-hint" }, hint) : null))),
+                 h("div", {}, h("label", { for: "hp-head" }, "Classifier"), head,
+                   h("div", { class: "field-hint" }, "What is trained: a LoRA adapter, or a linear head on the "
+                     + "base model's hidden states (no LoRA; the step and LoRA fields do not apply).")),
                  h("div", {}, h("label", { for: "hp-class_balance" }, "Class balance"), classBalance,
                    h("div", { class: "field-hint" }, "How often each intent is drawn in training (imbalanced data).")),
                  error,
@@ -153,6 +167,7 @@ async function createForm(onCreated) {
     if (classBalance.value !== (r?.hyperparameters.class_balance ?? "none")) {
       hyperparameters.class_balance = classBalance.value;
     }
+    if (head.value !== (r?.hyperparameters.head ?? "lm")) hyperparameters.head = head.value;
     const body = { dataset_id: dataset.value, config: recipe.value };
     if (validation.value) body.validation_dataset_id = validation.value;
     if (baseModel.value) body.base_model = baseModel.value;

@@ -148,7 +148,7 @@ export async function detail(container, ctx, id) {
   clear(container,
         pageHead(model.name, { crumbs: [h("a", { href: "#/models" }, "Models"), " / ", model.id] }),
         h("div", { class: "cards", id: "model-cards" },
-          card("Base model", model.base_model, { hint: `quantization ${model.quantization}` }),
+          card("Base model", model.base_model, { hint: `quantization ${model.quantization}${model.head === "linear" ? ", linear head (no LoRA)" : ""}` }),
           card("Steps", fmt.num(m.steps ?? m.global_step), { hint: m.train_runtime_s != null
             ? `in ${fmt.duration(m.train_runtime_s)}` : null }),
           card("Final loss", fmt.loss(m.final_loss)),
