@@ -126,7 +126,10 @@ def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt:
                         base_model_dir: Path, recipe: str, base_overrides: dict, config_names: list[str],
                         plot_path: Path, work_dir: Path, *, device: str | None = None,
                         skip_reason: str | None = None, real_dialogues: set[str] | None = None,
+                        head_recipe: str | None = None, head_overrides: dict | None = None,
                         progress=print) -> SectionResult:
+    """``config_names``: LoRA configurations (``CONFIGS``) and linear-head ones (``bench.linear_head.HEAD_CONFIGS``,
+    trained with ``head_recipe`` + ``head_overrides``)."""
     started = time.perf_counter()
     result = SectionResult("quality", "5. Quality on held-out real CMCC-34 rows: class balance and the learning curve")
     if split is None:
@@ -144,8 +147,20 @@ def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt:
 
     raw_dir = work_dir / "quality"
     raw_dir.mkdir(parents=True, exist_ok=True)
+    from bench.linear_head import HEAD_CONFIGS, head_data, run_heads
+
+    heads = None
+    head_names = [n for n in config_names if n in HEAD_CONFIGS]
+    if head_names:
+        result.intro.append(f"Linear head: `configs/{head_recipe}.yaml`, overridden with {head_overrides}.")
+        n_train = len(split.train)
+        points = sorted({n for n in (16, 32, 64, 128) if n < n_train} | {n_train})
+        heads = run_heads(split, label_set, system_prompt, base_model_name, base_model_dir, head_recipe,
+                          head_overrides or {}, head_names, work_dir / "quality-job-head", real_dialogues=real_dialogues,
+                          curve_points=points, device=device, progress=progress)
+        (raw_dir / "head.json").write_text(json.dumps(head_data(heads), indent=1, default=str), encoding="utf-8")
     runs: list[ConfigRun] = []
-    for name in config_names:
+    for name in [n for n in config_names if n not in HEAD_CONFIGS]:
         config = CONFIGS[name]
         progress(f"[quality] training {config.name}")
         run = train_one(split, label_set, system_prompt, base_model_name, base_model_dir, recipe, base_overrides,
@@ -153,12 +168,15 @@ def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt:
         runs.append(run)
         # Written as soon as measured: a run cut short still leaves its figures.
         (raw_dir / f"{name}.json").write_text(json.dumps(_run_data(run), indent=1, default=str), encoding="utf-8")
-    return render_quality(result, split, label_set, runs, plot_path, started)
+    return render_quality(result, split, label_set, runs, plot_path, started, heads)
 
 
 def render_quality(result: SectionResult, split: Split, label_set: LabelSet, runs: list[ConfigRun], plot_path: Path,
-                   started: float) -> SectionResult:
-    """The tables, plot and raw figures of measured ``runs`` (also from their saved JSON: ``load_run``)."""
+                   started: float, heads=None) -> SectionResult:
+    """The tables, plot and raw figures of measured ``runs`` (also from their saved JSON: ``load_run``) and of
+    the linear-head runs (``bench.linear_head.HeadResults``)."""
+    if heads is not None:
+        _render_heads(result, heads, len(split.held_out))
     for run in runs:
         if run.error:
             result.skipped.append(f"not measured: {run.config.name}: {run.error}")
@@ -218,6 +236,9 @@ def render_quality(result: SectionResult, split: Split, label_set: LabelSet, run
         if run.curve:
             ax.plot([p["samples"] for p in run.curve], [p["macro_f1"] for p in run.curve], "o-",
                     label=f"LoRA adapter, {run.config.name}")
+    if heads is not None and heads.curve:
+        ax.plot([p["rows"] for p in heads.curve], [p["head_macro_f1"] for p in heads.curve], "D-", color="tab:green",
+                label="linear head on the frozen base (first N rows)")
     ax.set_xlabel("training samples seen", fontsize=8)
     ax.set_ylabel("macro-F1 on held-out rows", fontsize=8)
     ax.set_title(f"Learning curve, held-out CMCC-34 ({len(split.held_out)} rows)", fontsize=9)
@@ -233,9 +254,52 @@ def render_quality(result: SectionResult, split: Split, label_set: LabelSet, run
         "reads each dialogue cut to `max_input_length`; the baseline reads the whole dialogue.")
     result.data = {"split": split.description, "held_out": len(split.held_out), "train": n_train,
                    "runs": [_run_data(r) for r in runs],
+                   "head": _head_data(heads),
                    "baseline": {str(n): b for n, b in baseline.items()}}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _head_data(heads) -> dict | None:
+    from bench.linear_head import head_data
+
+    return head_data(heads) if heads is not None else None
+
+
+def _render_heads(result: SectionResult, heads, n_held_out: int) -> None:
+    for run in heads.runs:
+        if run.error:
+            result.skipped.append(f"not measured: linear head, class_balance={run.class_balance}: {run.error}")
+    full = heads.curve[-1] if heads.curve else None
+    rows = []
+    for run in heads.runs:
+        if run.error:
+            continue
+        rows.append([f"linear head, class_balance={run.class_balance}", run.seconds, run.accuracy, run.macro_f1,
+                     full["baseline_accuracy"] if full else None, full["baseline_macro_f1"] if full else None,
+                     "yes" if full and run.macro_f1 > full["baseline_macro_f1"] else "no"])
+    result.tables.append(Table(
+        ["configuration", "training time (s): load, read, fit", "accuracy", "macro-F1", "baseline accuracy",
+         "baseline macro-F1", "beats the baseline's macro-F1"], rows,
+        caption=f"Linear head (`head: linear`, the product's training code) on the {n_held_out} held-out real rows, "
+                "beside the TF-IDF baseline fitted on the same training rows"))
+    if heads.cv:
+        cv = heads.cv
+        result.tables.append(Table(
+            ["classifier", "accuracy", "macro-F1"],
+            [["linear head, class_balance=none", *cv["head"]], ["linear head, class_balance=balanced", *cv["head_balanced"]],
+             ["TF-IDF + LR baseline", *cv["baseline"]]],
+            caption=f"{cv['folds']}-fold cross-validation over the real rows ({cv['held_out']} held-out predictions "
+                    "in all; each fold trains on the other real rows plus the synthetic training rows)"))
+    if heads.curve:
+        result.tables.append(Table(
+            ["training rows", "linear head accuracy", "linear head macro-F1", "baseline accuracy", "baseline macro-F1"],
+            [[p["rows"], p["head_accuracy"], p["head_macro_f1"], p["baseline_accuracy"], p["baseline_macro_f1"]]
+             for p in heads.curve],
+            caption="Learning curve of the linear head and the baseline, both fitted on the first N training rows"))
+    result.notes.append("Linear head: " + ", ".join(f"{k}={v}" for k, v in heads.hyper.items()) + ". The first "
+                        "configuration's time is the recipe's whole cost (model load, features of the training and "
+                        "held-out rows, fit); the others reuse its feature checkpoints and cost a fit.")
 
 
 def load_run(path: Path) -> ConfigRun:

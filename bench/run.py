@@ -56,7 +56,8 @@ class Sizes:
     zero_shot: bool
     quality_steps: int = 16  # optimizer steps per configuration in 'quality'
     quality_eval_every: int = 4
-    quality_configs: str = "none,balanced"  # bench.quality.CONFIGS names
+    # bench.linear_head.HEAD_CONFIGS and bench.quality.CONFIGS names (LoRA runs cost ~15 min each on 2 cores)
+    quality_configs: str = "head,head-balanced,head-sqrt"
 
 
 # Sized for < ~25 min on the 2-core development machine when it is not shared with other work
@@ -66,7 +67,7 @@ FULL = Sizes(token_rows=None, train_warmup=1, train_steps=1, mid_model=True, mid
              zero_shot=False)
 QUICK = Sizes(token_rows=24, train_warmup=1, train_steps=1, mid_model=False, mid_steps=1, mid_batch_sizes=(),
               train_batch_sizes=(4, 8), classify_requests=2, serving_train_steps=1, accuracy_steps=2, accuracy_dialogue_tokens=128,
-              zero_shot=False, quality_steps=2, quality_eval_every=1)
+              zero_shot=False, quality_steps=2, quality_eval_every=1, quality_configs="head,head-balanced,none,balanced")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_every_steps": sizes.quality_eval_every,
                      "max_input_length": prefix_tokens + (sizes.accuracy_dialogue_tokens or 128),
                      **(args.quality_overrides or {})}
+        head_recipe = "tiny_test" if model_name == TINY else "cpu_linear_head"
+        head_overrides = {"head": "linear", "save_steps": 10**6}
         results["quality"] = run_quality_section(
             split, label_set, system_prompt, model_name, model_dir, recipe, overrides,
             [c for c in sizes.quality_configs.split(",") if c], img_dir / f"{prefix}quality.png", work_dir,
-            device=args.device, skip_reason=skip_reason, real_dialogues=real_dialogues, progress=log)
+            device=args.device, skip_reason=skip_reason, real_dialogues=real_dialogues, head_recipe=head_recipe,
+            head_overrides=head_overrides, progress=log)
 
     if "classify" in args.sections:
         from bench.serving import AdapterUnderTest, run_serving_section

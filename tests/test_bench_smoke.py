@@ -156,6 +156,16 @@ def test_quality_section_has_class_balance_and_learning_curve(quick_run):
     for row in curve:  # adapter and baseline measured at each point
         assert 0.0 <= float(row[4]) <= 1.0 and 0.0 <= float(row[7]) <= 1.0
     assert "Learning curve" in section
+    # The linear head: trained per class-balance mode, cross-validated and on a learning curve beside the baseline.
+    heads = {r[0]: r for r in _table_rows(section, "linear head, class_balance=") if len(r) == 7}
+    assert set(heads) == {"linear head, class_balance=none", "linear head, class_balance=balanced"}
+    for row in heads.values():
+        assert float(row[1]) > 0 and all(0.0 <= float(v) <= 1.0 for v in row[2:6]) and row[6] in ("yes", "no")
+    cv = {r[0]: r for r in _table_rows(section, "") if len(r) == 3 and r[0] in (
+        "linear head, class_balance=none", "linear head, class_balance=balanced", "TF-IDF + LR baseline")}
+    assert len(cv) == 3 and all(0.0 <= float(r[2]) <= 1.0 for r in cv.values())
+    head_curve = [r for r in _table_rows(section, "16", exact=True) if len(r) == 5]
+    assert head_curve and all(0.0 <= float(v) <= 1.0 for v in head_curve[0][1:])
     (plot,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
     assert plot.endswith("quick_quality.png") and (out.parent / plot).read_bytes()[:4] == b"\x89PNG"
 
