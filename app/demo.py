@@ -65,6 +65,8 @@ def _follow_job(client: httpx.Client, job_id: str, worker: subprocess.Popen) -> 
         line = None
         if p.get("total"):
             line = f"  evaluated {p['done']}/{p['total']} dialogues"
+        elif p.get("features_total") and p.get("step") is None:  # a linear head reading its dialogues
+            line = f"  {p.get('phase', 'dialogues')}: read {p['features_done']}/{p['features_total']}"
         elif p.get("step") is not None:
             eta = f"{p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else "?"
             line = f"  step {p['step']}/{p.get('max_steps')}  loss {p.get('loss', float('nan')):.4f}  eta {eta}"
@@ -142,8 +144,10 @@ def main() -> int:
                 if m.get("ece") is not None:
                     print(f"   expected calibration error {m['ece']:.4f}")
                 print(f"   files: {data_dir / 'reports' / report['id']}/ ({', '.join(m.get('files') or [])})")
-            final_loss = client.get(f"/models/{model_id}").json()["metrics"].get("final_loss")
-            print(f"== adapter: {data_dir / 'jobs' / job['id'] / 'adapter'} (loss_curve.png inside); final loss "
+            model = client.get(f"/models/{model_id}").json()
+            final_loss = model["metrics"].get("final_loss")
+            kind = "linear head on the frozen base" if model["head"] == "linear" else "adapter (loss_curve.png inside)"
+            print(f"== {kind}: {data_dir / 'jobs' / job['id'] / 'adapter'}; final training loss "
                   + (f"{final_loss:.4f}" if final_loss is not None else "not logged"))
             return 0
     finally:

@@ -170,3 +170,13 @@ def _cross_validate(split: Split, train_x, held_x, label_set: LabelSet, c: float
 def head_data(results: HeadResults) -> dict:
     return {"recipe": results.recipe, "hyper": results.hyper, "curve": results.curve, "cv": results.cv,
             "runs": [vars(r) for r in results.runs]}
+
+
+def load_head_results(path: Path) -> HeadResults:
+    """What ``run_quality_section`` saved (``<work-dir>/quality/head.json``), to render it again."""
+    import json
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    results = HeadResults(data["recipe"], data["hyper"], curve=data["curve"], cv=data["cv"])
+    results.runs = [HeadRun(**run) for run in data["runs"]]
+    return results

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -135,7 +136,10 @@ def fit_linear_head(features: torch.Tensor, label_ids: list[int], label_set: Lab
     z = scaler.transform(x)
     weights = np.asarray(sample_weights(label_ids, class_balance))
     weights *= len(weights) / weights.sum()  # mean weight 1: C means the same whatever the balance
-    model = LogisticRegression(C=c, max_iter=2000).fit(z, label_ids, sample_weight=weights)
+    with warnings.catch_warnings():
+        # "more unique classes than half the samples": a few rows per intent is this head's normal case
+        warnings.filterwarnings("ignore", message=".*number of unique classes.*", category=UserWarning)
+        model = LogisticRegression(C=c, max_iter=2000).fit(z, label_ids, sample_weight=weights)
     loss = float(log_loss(label_ids, model.predict_proba(z), sample_weight=weights, labels=model.classes_))
     coef, intercept = model.coef_, model.intercept_
     if len(model.classes_) == 2:  # scikit-learn keeps one row for two classes: sigmoid(w.x + b) = softmax([0, w.x + b])
