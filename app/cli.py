@@ -56,6 +56,10 @@ def _classify(args) -> int:
     texts = list(args.text) or [line.strip() for line in sys.stdin if line.strip()]
     with session_scope(settings) as session:
         ref = resolve_model_ref(session, settings, args.model)
+    if args.mode == "generate" and ref.head != "lm":
+        print(f"error: model '{args.model}' classifies with a linear head: it answers in score mode only",
+              file=sys.stderr)
+        return 2
     classifier = ClassifierRegistry(max_adapters=1, device=settings.device).get(ref)
     from tqdm import tqdm
 

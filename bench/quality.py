@@ -1,13 +1,16 @@
-"""Section 5: quality on held-out real CMCC-34 rows: class balance on/off and the learning curve.
+"""Section 5: quality on held-out real CMCC-34 rows: the linear head, class balance and the learning curve.
 
-Same split as section 4 (``bench.data.stratified_split``), scored on its held-out rows from the real file. Each configuration trains one LoRA adapter
-with ``app.ml.train.trainer.train_adapter`` and validation during training on the held-out rows
-(``eval_every_steps``, ``eval_max_samples`` = all of them): the ``validation`` events give the adapter's
-accuracy / macro-F1 after every ``eval_every_steps`` optimizer steps (label scoring, the serving path),
-so one run per configuration yields its learning curve. The TF-IDF + logistic-regression baseline
+Same split as section 4 (``bench.data.stratified_split``), scored on its held-out rows from the real file.
+Linear-head configurations (``bench.linear_head``) train the product's ``head: linear`` recipe per
+class-balance mode, then fit it on growing prefixes of the training rows (its learning curve) and
+cross-validate it over the real rows, each beside the TF-IDF baseline on the same rows. LoRA configurations
+each train one adapter with ``app.ml.train.trainer.train_adapter`` and validation during training on the
+held-out rows (``eval_every_steps``, ``eval_max_samples`` = all of them): the ``validation`` events give the
+adapter's accuracy / macro-F1 after every ``eval_every_steps`` optimizer steps (label scoring, the serving
+path), so one run per configuration yields its learning curve. The TF-IDF + logistic-regression baseline
 (``app.ml.eval.baseline``) is fitted on growing prefixes of the same (shuffled) training rows, as many
 rows as the adapter had drawn at each point (all of them once the adapter has drawn more), and scored
-on the same held-out rows. Configurations differ from the recipe only as their table says.
+on the same held-out rows. Configurations differ from their recipe only as their table says.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def run_quality_section(split: Split | None, label_set: LabelSet, system_prompt:
     """``config_names``: LoRA configurations (``CONFIGS``) and linear-head ones (``bench.linear_head.HEAD_CONFIGS``,
     trained with ``head_recipe`` + ``head_overrides``)."""
     started = time.perf_counter()
-    result = SectionResult("quality", "5. Quality on held-out real CMCC-34 rows: class balance and the learning curve")
+    result = SectionResult("quality", "5. Quality on held-out real CMCC-34 rows: linear head, class balance, learning curve")
     if split is None:
         result.skipped.append(f"not measured: {skip_reason or 'no data'}")
         result.seconds = time.perf_counter() - started

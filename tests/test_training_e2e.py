@@ -120,15 +120,25 @@ def test_linear_head_job_through_the_api(client, settings):
     report = client.get(f"/reports/{job['report_id']}").json()
     assert report["metrics"]["n_samples"] == 4 and "baseline" in report["metrics"]
 
-    answer = client.post("/classify", json={"model": job["model_id"], "texts": ["您好请讲[SEP]我要开通流量包"]})
+    answer = client.post("/classify", json={"model": job["model_id"], "texts": ["您好请讲[SEP]我要开通流量包"],
+                                            "top_k": 4})
     assert answer.status_code == 200, answer.text
     prediction = answer.json()["predictions"][0]
-    assert prediction["intent_id"] in {lab["id"] for lab in model["labels"]}
-    assert sum(t["score"] for t in prediction["top_k"]) <= 1.0 + 1e-6
+    assert prediction["intent_id"] == prediction["top_k"][0]["intent_id"]
+    assert {t["intent_id"] for t in prediction["top_k"]} == {lab["id"] for lab in model["labels"]}
+    assert sum(t["score"] for t in prediction["top_k"]) == pytest.approx(1.0, abs=1e-5)  # the head's softmax
     generated = client.post("/classify", json={"model": job["model_id"], "texts": ["取消"], "mode": "generate"})
     assert generated.status_code == 422 and "score mode only" in generated.json()["detail"]["message"]
     evaluation = client.post("/evaluations", json={"model": job["model_id"], "dataset_id": val_id, "mode": "generate"})
     assert evaluation.status_code == 422 and evaluation.json()["detail"]["field"] == "mode"
+
+    # A deployment that serves through vLLM cannot run a linear head: such jobs are refused at once.
+    from app.services.jobs import check_backend_serves
+    from app.services.errors import UnprocessableError
+
+    with pytest.raises(UnprocessableError, match="in-process only"):
+        check_backend_serves(settings.model_copy(update={"inference_backend": "vllm"}), "linear", field="model")
+    check_backend_serves(settings, "linear", field="model")  # the in-process default serves it
 
 
 def _legacy_jsonl(per_label: int, labels: int) -> bytes:

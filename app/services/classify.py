@@ -23,6 +23,13 @@ def check_request_size(settings: Settings, texts: list[str], *, single: bool) ->
                 f"{field} has {len(text)} characters; at most {limit} (CLASSIFY_MAX_TEXT_CHARS)", field=field)
 
 
+def check_mode_supported(ref, mode: str, model: str) -> None:
+    """A linear-head model has no answers to generate: refused before any model is loaded."""
+    if mode == "generate" and ref.head != "lm":
+        raise UnprocessableError(f"model '{model}' classifies with a linear head: it answers in score mode only",
+                                 field="mode")
+
+
 def classify_texts(session: Session, settings: Settings, backend, *, model: str, texts: list[str], single: bool,
                    labels: list[tuple[int, str]] | None, mode: str, top_k: int, strategy: str | None = None) -> list:
     """Predictions for ``texts`` (``app.ml.infer.base.Prediction``), in order, from the app's inference
@@ -39,6 +46,7 @@ def classify_texts(session: Session, settings: Settings, backend, *, model: str,
     if labels and ref.adapter_dir is not None:
         raise UnprocessableError(f"labels are for zero-shot on a base model; '{model}' is a fine-tuned model and "
                                  "answers with the labels it was trained on", field="labels")
+    check_mode_supported(ref, mode, model)
     # The ref is plain data: give the connection back before waiting for the model, or concurrent requests
     # queueing for inference would exhaust the connection pool (and wait on it instead of the batcher).
     session.close()

@@ -48,6 +48,7 @@ def create_training_job(session: Session, settings: Settings, *, dataset_id: str
     if training_config.head == "linear" and ((resources.gpus or 1) > 1 or (resources.processes or 1) > 1):
         raise UnprocessableError("a linear head trains in one process: resources.gpus / processes must be 1",
                                  field="resources")
+    check_backend_serves(settings, training_config.head, field="hyperparameters.head")
     base = base_model or recipe_base_model or settings.default_base_model
     _check_base_model(base, settings, from_config=None if base_model else config_name)
     if training_config.head == "lm":  # a linear head wraps no module
@@ -103,6 +104,14 @@ def _check_limits(config: TrainingConfig, n_rows: int, settings: Settings) -> No
             field="hyperparameters.num_train_epochs")
 
 
+def check_backend_serves(settings: Settings, head: str, *, field: str) -> None:
+    """The vLLM backend cannot run a linear head (workers evaluate through it too): refuse such jobs at once."""
+    if head != "lm" and settings.inference_backend == "vllm":
+        raise UnprocessableError("linear-head models are served in-process only and this deployment serves through "
+                                 "vLLM (INFERENCE_BACKEND=vllm): train a LoRA adapter (head \"lm\") instead",
+                                 field=field)
+
+
 def _check_validation_options(config: TrainingConfig, validation_dataset_id: str | None) -> None:
     """Evaluation during training needs a validation set; early stopping counts those evaluations."""
     if config.eval_every_steps and not validation_dataset_id:
@@ -117,15 +126,15 @@ def create_evaluation_job(session: Session, settings: Settings, *, model: str, d
                           claimed_by: str | None = None) -> Job:
     """Queue an evaluation, or with ``claimed_by`` create it already running for that worker (the CLI runs
     it in-process; a job inserted as queued could be claimed by a ``make serve`` worker as well)."""
+    from app.services.classify import check_mode_supported
     from app.services.models import resolve_model_ref
 
     dataset = get_dataset(session, dataset_id)
     ref = resolve_model_ref(session, settings, model, labels=dataset.label_set)
     check_labels_match(ref.label_set.to_pairs(), dataset.label_set, field="dataset_id",
                        known_as=f"model '{model}'", given_as=f"dataset '{dataset.id}'")
-    if mode == "generate" and ref.head != "lm":
-        raise UnprocessableError(f"model '{model}' classifies with a linear head: it answers in score mode only",
-                                 field="mode")
+    check_mode_supported(ref, mode, model)
+    check_backend_serves(settings, ref.head, field="model")
     job = Job(id=new_id("job"), kind="evaluate", status="queued", dataset_id=dataset.id, target_model_id=model,
               params={"mode": mode}, hyperparameters={}, progress={})
     if claimed_by:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from app.data.sample import generate_sample_dialogues
 from app.domain.cmcc34 import CMCC34_LABELS
@@ -77,7 +78,7 @@ def test_the_head_fits_its_training_rows_and_is_saved_like_an_adapter(trained, r
 
 
 def test_the_registry_serves_the_head_on_the_frozen_base(trained, records, tiny_model_dir):
-    result, _, _ = trained
+    result, _, job_dir = trained
     ref = ModelRef(key="ft_head", version="1", base_model_dir=tiny_model_dir, adapter_dir=result.adapter_dir,
                    system_prompt=PROMPT, label_set=THREE, quantization="none", max_input_length=2048, head="linear")
     registry = ClassifierRegistry(max_adapters=2, device="cpu")
@@ -98,6 +99,10 @@ def test_the_registry_serves_the_head_on_the_frozen_base(trained, records, tiny_
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         with pytest.raises(UnsupportedRequestError, match="score mode only"):
             classifier.classify(texts[:1], mode="generate")
+        # What training fitted on (its stored feature batches) is what serving computes for the same dialogues.
+        parts = sorted((job_dir / "checkpoints" / "features").glob("train-*.safetensors"))
+        stored = torch.cat([load_file(str(p))["features"] for p in parts])
+        torch.testing.assert_close(scorer.features(texts, batch_size=8), stored, atol=1e-4, rtol=1e-4)
     finally:
         registry.clear()
 
@@ -142,3 +147,30 @@ def test_one_intent_is_refused_before_any_model_is_loaded(tiny_model_dir, record
     with pytest.raises(ValueError, match="at least two intents"):
         _train(tiny_model_dir, [r for r in records if r.label_id == 0], tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_multi_class_fit_keeps_the_label_sets_order_whatever_its_ids():
+    from app.ml.train.linear_head import fit_linear_head
+
+    labels = LabelSet.from_pairs([(7, "seven"), (2, "two"), (30, "thirty"), (5, "five")])  # 5: no rows
+    assert LinearHead([7, 2, 30, 5], *[torch.zeros(1)] * 2, torch.eye(4, 1), torch.arange(4.0)).aligned(
+        [2, 5, 7, 30]).bias.tolist() == [1.0, 3.0, 0.0, 2.0]  # rows follow the ids they are asked for
+    generator = torch.Generator().manual_seed(0)
+    centres = {7: torch.tensor([4.0, 0, 0]), 2: torch.tensor([0, 4.0, 0]), 30: torch.tensor([0, 0, 4.0])}
+    ids = [7, 2, 30] * 10
+    features = torch.stack([centres[i] + torch.randn(3, generator=generator) * 0.3 for i in ids])
+    head, loss = fit_linear_head(features, ids, labels, c=1.0, class_balance="none")
+    assert head.label_ids == list(labels.ids) == [2, 5, 7, 30] and loss < 0.2
+    probe = torch.stack([centres[7], centres[2], centres[30]])
+    predicted = [head.label_ids[int(i)] for i in head.log_probs(probe).argmax(-1)]
+    assert predicted == [7, 2, 30]
+    assert float(torch.exp(head.log_probs(probe))[:, 1].max()) < 1e-6  # label 5, without rows
+
+
+def test_features_of_another_batch_size_or_a_broken_manifest_are_not_reused(tiny_model_dir, records, tmp_path):
+    _train(tiny_model_dir, records, tmp_path, Recorder(stop_after=2))  # two batches of 4 kept
+    _, recorder = _train(tiny_model_dir, records, tmp_path, Recorder(stop_after=1), per_device_train_batch_size=2)
+    assert "resumed" not in recorder.kinds()  # parts are keyed by their first row: another batch size starts over
+    (tmp_path / "checkpoints" / "features" / "train.json").write_text('{"fingerp', encoding="utf-8")  # killed mid-write
+    result, recorder = _train(tiny_model_dir, records, tmp_path)
+    assert not result.cancelled and "resumed" not in recorder.kinds()

@@ -298,7 +298,7 @@ class ClassifierRegistry:
             if ref.head == "linear":  # the frozen base model (no adapter) and a head read from the model's folder
                 try:
                     head = LinearHead.load(ref.adapter_dir)
-                except (OSError, ValueError, KeyError) as exc:
+                except Exception as exc:  # noqa: BLE001 - missing, unreadable or corrupt (SafetensorError)
                     raise AdapterUnavailableError(f"the linear head of '{ref.key}' cannot be read: {exc}") from None
             elif ref.adapter_dir is not None:
                 name = f"adapter_{next(self._names)}"

@@ -288,8 +288,8 @@ class LabelScorer:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
-        if self.head is not None and self.head.label_ids != self.candidates.label_ids:
-            self.head = self.head.aligned(self.candidates.label_ids)
+        if self.head is not None:
+            self.head = self.head.aligned(list(self.candidates.label_ids))
         if strategy is None:
             sliding = has_sliding_attention(unwrap_causal_lm(model).config.get_text_config())
             strategy = "full" if sliding else "prefix_cache"

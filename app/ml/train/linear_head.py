@@ -12,8 +12,9 @@ states beats the TF-IDF baseline there (docs/benchmarks.md §5). The work is one
    features of other data are never reused.
 2. Fit: standardisation + ``LogisticRegression(C=head_c)``; ``class_balance`` weighs the rows as the
    sampler would draw them (``app.ml.train.balance.sample_weights``).
-3. With a validation set and ``eval_every_steps`` > 0: its features the same way, then accuracy /
-   macro-F1 as a ``validation`` event and entry (the head has one fit, so one evaluation).
+3. With a validation set and ``eval_every_steps`` > 0: the features of its seeded sample of
+   ``eval_max_samples`` the same way, then accuracy / macro-F1 as a ``validation`` event and entry (the
+   head has one fit, so one evaluation).
 4. Saved like an adapter (``job_dir/adapter``: ``linear_head.safetensors``, the tokenizer and
    ``intent_tuner.json`` with ``"head": "linear"``), staged and renamed into place.
 """
@@ -38,6 +39,7 @@ from app.ml.models.loading import load_base_model
 from app.ml.train.balance import sample_weights
 from app.ml.train.config import TrainingConfig
 from app.ml.train.trainer import TrainingHooks, TrainingResult, _answers, _distributed
+from app.ml.train.validation import validation_sample
 
 FEATURES_DIRNAME = "features"
 
@@ -46,10 +48,16 @@ class _Cancelled(Exception):
     pass
 
 
-def _fingerprint(base_model_name: str, system_prompt: str, config: TrainingConfig, texts: list[str]) -> str:
+FEATURES_VERSION = "mean-final-hidden-1"  # what LabelScorer.features computes; change it when that changes
+
+
+def _fingerprint(base_model_name: str, system_prompt: str, config: TrainingConfig, loaded, texts: list[str]) -> str:
+    """What produced a feature batch: the model as loaded (a job moved from a GPU to a CPU worker loads it
+    otherwise under quantization "auto"), the prompt, the cut, the batch size (parts are keyed by their start
+    row) and the dialogues."""
     digest = hashlib.sha256()
-    for part in (base_model_name, system_prompt, str(config.max_input_length), config.quantization,
-                 config.compute_dtype, *texts):
+    for part in (FEATURES_VERSION, base_model_name, system_prompt, str(config.max_input_length),
+                 loaded.quantization, str(loaded.dtype), str(config.per_device_train_batch_size), *texts):
         digest.update(part.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()
@@ -62,11 +70,16 @@ class FeatureStore:
         self.directory, self.name, self.fingerprint = Path(directory), name, fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest = self.directory / f"{name}.json"
-        known = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") if manifest.is_file() else None
+        try:
+            known = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError, AttributeError):  # absent, or cut short by a kill: start over
+            known = None
         if known != fingerprint:  # other data or settings: nothing here can be reused
             for part in self.directory.glob(f"{name}-*.safetensors"):
                 part.unlink()
-            manifest.write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
+            staging = manifest.with_name(f".{manifest.name}.partial")
+            staging.write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
+            os.replace(staging, manifest)
 
     def _part(self, start: int) -> Path:
         return self.directory / f"{self.name}-{start:07d}.safetensors"
@@ -181,6 +194,7 @@ def train_linear_head(
     validating = bool(config.eval_every_steps and validation_records)
     if validating:
         _answers(validation_records, label_set)
+        validation_records = validation_sample(validation_records, config.eval_max_samples, config.seed)
     if len({r.label_id for r in records}) < 2:
         raise ValueError("a linear head needs training rows of at least two intents")
 
@@ -199,12 +213,13 @@ def train_linear_head(
     started = time.monotonic()
     try:
         with torch.inference_mode():
-            train_store = FeatureStore(store_dir, "train", _fingerprint(base_model_name, system_prompt, config, texts))
+            train_store = FeatureStore(store_dir, "train",
+                                       _fingerprint(base_model_name, system_prompt, config, loaded, texts))
             features = extract_features(scorer, texts, train_store, batch=batch, hooks=hooks, phase="training set")
             if validating:
                 val_texts = [r.dialogue for r in validation_records]
                 val_store = FeatureStore(store_dir, "validation",
-                                         _fingerprint(base_model_name, system_prompt, config, val_texts))
+                                         _fingerprint(base_model_name, system_prompt, config, loaded, val_texts))
                 val_features = extract_features(scorer, val_texts, val_store, batch=batch, hooks=hooks,
                                                 phase="validation set")
     except _Cancelled as stopped:

@@ -33,14 +33,19 @@ const CLASS_BALANCE = [
 export function jobPhase(job, evalClock) {
   const p = job.progress || {};
   if (job.status === "succeeded") {
-    const parts = [p.max_steps ? `trained ${p.step ?? p.max_steps} steps` : null,
+    const trained = p.features_total && p.max_steps === 1 ? "trained a linear head"
+      : p.max_steps ? `trained ${p.step ?? p.max_steps} steps` : null;
+    const parts = [trained,
                    p.total ? `evaluated ${fmt.num(p.total)} dialogues` : null].filter(Boolean);
     return { fraction: 1, text: `Done${parts.length ? `: ${parts.join(", ")}` : ""}`, eta: null };
   }
   if (job.status === "failed" || job.status === "cancelled") {
     const where = p.total ? ` after ${fmt.num(p.done)} / ${fmt.num(p.total)} dialogues`
-      : p.max_steps ? ` at step ${p.step ?? 0} / ${p.max_steps}` : "";
-    return { fraction: p.total ? p.done / p.total : p.max_steps ? (p.step || 0) / p.max_steps : 0,
+      : p.max_steps ? ` at step ${p.step ?? 0} / ${p.max_steps}`
+      : p.features_total ? ` reading the ${p.phase || "dialogues"}: ${fmt.num(p.features_done)} / ${fmt.num(p.features_total)}`
+      : "";
+    return { fraction: p.total ? p.done / p.total : p.max_steps ? (p.step || 0) / p.max_steps
+             : p.features_total ? p.features_done / p.features_total : 0,
              text: `${job.status === "failed" ? "Failed" : "Cancelled"}${where}`, eta: null };
   }
   if (p.total) {
