@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                                            system_prompt, model_name, model_dir, config, work_dir / "serving-adapter",
                                            device=args.device, progress=log)
         adapter = AdapterUnderTest(training.adapter_dir, model_name, system_prompt, label_set, training.quantization,
-                                   f"a LoRA adapter trained {training.steps} steps in this run",
+                                   f"a LoRA adapter trained {training.steps} steps "
+                                   + ("by an earlier run (`--serving-adapter`)" if args.serving_adapter is not None
+                                      else "in this run"),
                                    max_input_length=(config.max_input_length if config is not None else
                                                      _trained_max_input_length(training.adapter_dir)))
         results["classify"] = run_serving_section(model_name, model_dir, records, warmup_text, label_set,
