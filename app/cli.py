@@ -49,6 +49,8 @@ def _models(_args) -> int:
 
 def _classify(args) -> int:
     from app.ml.infer.classifier import ClassifierRegistry
+    from app.services.classify import check_mode_supported
+    from app.services.errors import UnprocessableError
     from app.services.models import resolve_model_ref
 
     settings = get_settings()
@@ -56,9 +58,10 @@ def _classify(args) -> int:
     texts = list(args.text) or [line.strip() for line in sys.stdin if line.strip()]
     with session_scope(settings) as session:
         ref = resolve_model_ref(session, settings, args.model)
-    if args.mode == "generate" and ref.head != "lm":
-        print(f"error: model '{args.model}' classifies with a linear head: it answers in score mode only",
-              file=sys.stderr)
+    try:
+        check_mode_supported(ref, args.mode, args.model)
+    except UnprocessableError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 2
     classifier = ClassifierRegistry(max_adapters=1, device=settings.device).get(ref)
     from tqdm import tqdm

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.domain.labels import LabelSet
-from app.domain.records import Record
 from bench.data import Split
 
 HEAD_CONFIGS = {"head": "none", "head-balanced": "balanced", "head-sqrt": "sqrt"}  # name -> class_balance
@@ -59,15 +58,7 @@ def _score_head(features, labels, test_features, test_labels, label_set, c, mode
     from app.ml.train.linear_head import fit_linear_head
 
     head, _ = fit_linear_head(features, labels, label_set, c=c, class_balance=mode)
-    predicted = [head.label_ids[int(i)] for i in head.log_probs(test_features).argmax(-1).tolist()]
-    return accuracy_macro_f1(test_labels, predicted)
-
-
-def _score_baseline(rows: list[Record], test: list[Record]) -> tuple[float, float]:
-    from app.ml.eval.baseline import fit_baseline, predict_ids
-    from app.ml.eval.run import accuracy_macro_f1
-
-    return accuracy_macro_f1([r.label_id for r in test], predict_ids(fit_baseline(rows), [r.dialogue for r in test]))
+    return accuracy_macro_f1(test_labels, head.predict_ids(test_features))
 
 
 def run_heads(split: Split, label_set: LabelSet, system_prompt: str, base_model_name: str, base_model_dir: Path,
@@ -80,6 +71,7 @@ def run_heads(split: Split, label_set: LabelSet, system_prompt: str, base_model_
     from app.ml.train.config import resolve_training_config
     from app.ml.train.linear_head import FEATURES_DIRNAME
     from app.ml.train.trainer import TrainingHooks, train_adapter
+    from bench.quality import baseline_point
 
     base_config, _ = resolve_training_config(recipe, overrides)
     results = HeadResults(recipe, {k: getattr(base_config, k) for k in ("head", "head_c", "max_input_length",
@@ -122,9 +114,9 @@ def run_heads(split: Split, label_set: LabelSet, system_prompt: str, base_model_
         if len(set(train_y[:n])) < 2:
             continue
         head = _score_head(train_x[:n], train_y[:n], held_x, held_y, label_set, c, "none")
-        base = _score_baseline(split.train[:n], split.held_out)
+        base = baseline_point(split, n, label_set)
         results.curve.append({"rows": n, "head_accuracy": head[0], "head_macro_f1": head[1],
-                              "baseline_accuracy": base[0], "baseline_macro_f1": base[1]})
+                              "baseline_accuracy": base["accuracy"], "baseline_macro_f1": base["macro_f1"]})
 
     if real_dialogues:
         results.cv = _cross_validate(split, train_x, held_x, label_set, c, real_dialogues)
@@ -160,7 +152,7 @@ def _cross_validate(split: Split, train_x, held_x, label_set: LabelSet, c: float
         truth += [rows[i].label_id for i in fold]
         for key, mode in (("head", "none"), ("head_balanced", "balanced")):
             head, _ = fit_linear_head(x[train_idx], labels, label_set, c=c, class_balance=mode)
-            predicted[key] += [head.label_ids[int(j)] for j in head.log_probs(x[fold]).argmax(-1).tolist()]
+            predicted[key] += head.predict_ids(x[fold])
         baseline = fit_baseline([rows[i] for i in train_idx])
         predicted["baseline"] += predict_ids(baseline, [rows[i].dialogue for i in fold])
     return {"folds": FOLDS, "held_out": len(truth),

@@ -52,8 +52,8 @@ import torch
 from app.domain.labels import LabelSet
 from app.domain.prompt import format_answer
 from app.ml.infer.trie import LabelTrie
-from app.ml.models.linear_head import LinearHead
 from app.ml.models.introspect import has_sliding_attention, unwrap_causal_lm
+from app.ml.models.linear_head import LinearHead
 from app.ml.text.encoding import (
     assistant_turn,
     common_prefix_length,
@@ -282,14 +282,12 @@ class LabelScorer:
         head: LinearHead | None = None,
     ):
         self.model = model
-        # A model trained with a linear head (app.ml.models.linear_head) is scored by it, not by its answers.
-        self.head = head
         self.max_padding = max_padding
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.candidates = LabelCandidates.build(tokenizer, system_prompt, label_set)
-        if self.head is not None:
-            self.head = self.head.aligned(list(self.candidates.label_ids))
+        # A model trained with a linear head (app.ml.models.linear_head) is scored by it, not by its answers.
+        self.head = head.aligned(list(self.candidates.label_ids)) if head is not None else None
         if strategy is None:
             sliding = has_sliding_attention(unwrap_causal_lm(model).config.get_text_config())
             strategy = "full" if sliding else "prefix_cache"

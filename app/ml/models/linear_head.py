@@ -37,6 +37,10 @@ class LinearHead:
         x = (features.float() - self.mean) / self.scale
         return torch.log_softmax(x @ self.weight.T + self.bias, dim=-1)
 
+    def predict_ids(self, features: torch.Tensor) -> list[int]:
+        """The most probable label id for each row of ``features``."""
+        return [self.label_ids[int(i)] for i in self.log_probs(features).argmax(-1).tolist()]
+
     def aligned(self, label_ids: list[int]) -> "LinearHead":
         """The head with its rows in ``label_ids`` order (a label set's); every label must be one of the head's."""
         if list(label_ids) == self.label_ids:

@@ -27,11 +27,16 @@ import os
 import shutil
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from app.domain.artifacts import ADAPTER_DIRNAME, ADAPTER_METADATA_FILENAME, CHECKPOINTS_DIRNAME
+from app.domain.artifacts import (
+    ADAPTER_DIRNAME,
+    ADAPTER_METADATA_FILENAME,
+    CHECKPOINTS_DIRNAME,
+)
 from app.domain.labels import LabelSet
 from app.domain.records import Record
 from app.ml.models.linear_head import LinearHead
@@ -234,15 +239,12 @@ def train_linear_head(
     history = [{"step": 1, "loss": loss}]
     validation_history = []
     if validating:
-        predicted = [head.label_ids[int(i)] for i in head.log_probs(val_features).argmax(-1).tolist()]
-        accuracy, macro_f1 = accuracy_macro_f1([r.label_id for r in validation_records], predicted)
+        accuracy, macro_f1 = accuracy_macro_f1([r.label_id for r in validation_records], head.predict_ids(val_features))
         validation_history = [{"step": 1, "accuracy": accuracy, "macro_f1": macro_f1,
                                "n_samples": len(validation_records)}]
         hooks.on_event("validation", f"validation: accuracy {accuracy:.4f}, macro-F1 {macro_f1:.4f} on "
                        f"{len(validation_records)} dialogues", validation_history[0])
-    counts: dict[str, int] = {}
-    for label in label_ids:
-        counts[str(label)] = counts.get(str(label), 0) + 1
+    counts = {str(label): n for label, n in sorted(Counter(label_ids).items())}
     metrics = {
         "global_step": 1, "max_steps": 1, "final_loss": loss, "train_runtime": runtime, "head": "linear",
         "head_c": config.head_c, "n_samples": len(texts), "feature_size": int(features.shape[1]),
