@@ -355,7 +355,7 @@ class LabelScorer:
 
         The mean over the dialogue rather than the last position: on real CMCC-34 rows with the 0.5B embedded
         model (5-fold cross-validation, docs/benchmarks.md §5) a logistic regression on the mean scored
-        macro-F1 0.28-0.29, on the last position 0.20-0.21, TF-IDF 0.21.
+        macro-F1 0.28-0.29, on the last position 0.20-0.21, TF-IDF 0.21-0.22.
         """
         if not texts:
             return torch.zeros((0, 0))
